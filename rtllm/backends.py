@@ -1,0 +1,203 @@
+"""The two passes of a sampler step over one shard, on three interchangeable backends.
+
+- `triton`: the fused kernels (CUDA; on CPU only under TRITON_INTERPRET=1, for tests).
+  Noise is counter-based Philox, regenerated in the update pass instead of stored.
+- `reference`: the plain-torch references of those kernels, same Philox stream: slow, exact;
+  the oracle the Triton kernels are tested against.
+- `torch`: the fast CPU path. Noise comes from torch's generator, seeded per fixed-size chunk
+  from (seed, step, stream, chunk), so it is still a pure function of the global element index
+  (not of sharding or threads); it is drawn once in the reduce pass and kept for the update pass
+  when the shard is small enough, else drawn again.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+from rtllm.flat import Shard
+
+CHUNK = 2**18  # torch backend: elements per noise chunk and per cache-sized work item
+NOISE_CACHE_MAX = 2**28  # torch backend: keep up to 1 GiB of fp32 noise per shard between passes
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def chunk_seed(seed: int, step: int, stream: int, chunk: int) -> int:
+    h = 0
+    for part in (seed, step, stream, chunk):
+        h = _splitmix64(h ^ (part & _MASK64))
+    return h
+
+
+class TorchBackend:
+    """Fast CPU path: cache-sized chunks, noise from torch's generator, reduce on all cores."""
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        self._noise: dict[int, tuple[tuple, Tensor]] = {}
+        self._local = threading.local()
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- noise --------------------------------------------------------------------------
+    def _generator(self) -> torch.Generator:
+        gen = getattr(self._local, "gen", None)
+        if gen is None:
+            gen = self._local.gen = torch.Generator()
+        return gen
+
+    def _pieces(self, shard: Shard):
+        """(local start, length, chunk index, start within chunk) covering the shard."""
+        end = shard.offset + shard.numel
+        pos = shard.offset
+        while pos < end:
+            chunk = pos // CHUNK
+            stop = min(end, (chunk + 1) * CHUNK)
+            yield pos - shard.offset, stop - pos, chunk, pos - chunk * CHUNK
+            pos = stop
+
+    def _draw(self, out: Tensor, shard: Shard, chunk: int, within: int, key: tuple) -> None:
+        """Fill `out` with the noise of global elements chunk*CHUNK + within + [0, len(out))."""
+        seed, step, stream = key
+        gen = self._generator()
+        gen.manual_seed(chunk_seed(seed, step, stream, chunk))
+        # The chunk's length depends only on the group's size, so its draw is sharding-invariant.
+        full = min(CHUNK, shard.group_numel - chunk * CHUNK)
+        if within == 0 and out.numel() == full:
+            out.normal_(generator=gen)
+        else:
+            buf = torch.empty(full, dtype=out.dtype, device=out.device).normal_(generator=gen)
+            out.copy_(buf[within : within + out.numel()])
+
+    def _noise_buffer(self, shard: Shard, key: tuple) -> tuple[Tensor | None, bool]:
+        """The shard's noise cache and whether it already holds `key`'s noise."""
+        if shard.numel > NOISE_CACHE_MAX:
+            return None, False
+        held = self._noise.get(id(shard))
+        if held is None or held[1].numel() != shard.numel:
+            held = ((), torch.empty(shard.numel, dtype=torch.float32, device=shard.x.device))
+        self._noise[id(shard)] = (key, held[1])
+        return held[1], held[0] == key
+
+    def _pool_map(self, fn, items: list):
+        if len(items) < 2 or torch.get_num_threads() < 2:
+            return [fn(it) for it in items]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="rtllm")
+        return list(self._pool.map(fn, items))
+
+    # -- passes -------------------------------------------------------------------------
+    def reduce(self, shard: Shard, *, seed: int, step: int, stream: int, noise: bool) -> Tensor:
+        key = (seed, step, stream)
+        cache, _ = self._noise_buffer(shard, key) if noise else (None, False)
+
+        def work(piece):
+            start, n, chunk, within = piece
+            v = shard.v[start : start + n]
+            g = shard.g[start : start + n].float()
+            vv, gg, vg = torch.dot(v, v), torch.dot(g, g), torch.dot(v, g)
+            if not noise:
+                zero = torch.zeros((), dtype=v.dtype)
+                return torch.stack([vv, gg, vg, zero, zero, zero])
+            nz = cache[start : start + n] if cache is not None else torch.empty_like(v)
+            self._draw(nz, shard, chunk, within, key)
+            return torch.stack([vv, gg, vg, torch.dot(nz, nz), torch.dot(nz, v), torch.dot(nz, g)])
+
+        # Per-chunk fp32 partials, summed in float64 in a fixed order: deterministic.
+        partials = self._pool_map(work, list(self._pieces(shard)))
+        if not partials:
+            return torch.zeros(6, dtype=torch.float64)
+        return torch.stack(partials).sum(0, dtype=torch.float64)
+
+    def update(self, shard: Shard, alpha: float, beta: float, gamma: float, delta: float, *,
+               seed: int, step: int, stream: int, noise: bool) -> None:
+        key = (seed, step, stream)
+        noise = noise and gamma != 0.0
+        cache, fresh = self._noise_buffer(shard, key) if noise else (None, False)
+        for start, n, chunk, within in self._pieces(shard):
+            sl = slice(start, start + n)
+            v = shard.v[sl]
+            v.mul_(alpha).add_(shard.g[sl], alpha=beta)
+            if noise:
+                nz = cache[sl] if cache is not None else torch.empty_like(v)
+                if not fresh:
+                    self._draw(nz, shard, chunk, within, key)
+                v.add_(nz, alpha=gamma)
+            if delta != 0.0:
+                shard.x[sl].add_(v, alpha=delta)
+                if shard.compute is not None:
+                    shard.compute[sl].copy_(shard.x[sl])
+
+    def draw_velocity(self, shard: Shard, *, seed: int, stream: int, scale: float) -> None:
+        for start, n, chunk, within in self._pieces(shard):
+            v = shard.v[start : start + n]
+            self._draw(v, shard, chunk, within, (seed, 0, stream))
+            v.mul_(scale)
+
+
+class _PhiloxBackend:
+    """Backends whose noise is the counter-based Philox stream, regenerated in each pass."""
+
+    name = ""
+
+    def __init__(self, reduce_fn, update_fn) -> None:
+        self._reduce, self._update = reduce_fn, update_fn
+
+    def reduce(self, shard: Shard, *, seed: int, step: int, stream: int, noise: bool) -> Tensor:
+        return self._reduce(shard.v, shard.g, seed=seed, step=step, stream=stream,
+                            offset=shard.offset, noise=noise)
+
+    def update(self, shard: Shard, alpha: float, beta: float, gamma: float, delta: float, *,
+               seed: int, step: int, stream: int, noise: bool) -> None:
+        self._update(shard.x, shard.v, shard.g, shard.compute, alpha=alpha, beta=beta,
+                     gamma=gamma, delta=delta, seed=seed, step=step, stream=stream,
+                     offset=shard.offset, noise=noise and gamma != 0.0)
+
+    def draw_velocity(self, shard: Shard, *, seed: int, stream: int, scale: float) -> None:
+        # v <- scale * n through the update pass (alpha = beta = delta = 0 leaves x as it is).
+        shard.v.zero_()
+        self._update(shard.x, shard.v, shard.v, None, alpha=0.0, beta=0.0, gamma=scale,
+                     delta=0.0, seed=seed, step=0, stream=stream, offset=shard.offset, noise=True)
+
+
+def triton_available() -> bool:
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_backend(name: str, device: torch.device):
+    """`auto` picks Triton on CUDA and the torch path on CPU."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "torch":
+        return TorchBackend()
+    if name == "reference":
+        from rtllm.kernels.reference import fused_update_ref_, reduce_sums_ref
+
+        backend = _PhiloxBackend(reduce_sums_ref, fused_update_ref_)
+    elif name == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1 "
+                             "for CPU tests); use backend='torch' or 'auto'")
+        from rtllm.kernels.triton_step import fused_update_, reduce_sums
+
+        backend = _PhiloxBackend(reduce_sums, fused_update_)
+    else:
+        raise ValueError(f"backend must be 'auto', 'torch', 'triton' or 'reference', got {name!r}")
+    backend.name = name
+    return backend

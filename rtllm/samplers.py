@@ -1,0 +1,298 @@
+"""Samplers as torch optimizers over flat buffers: ray tracing, HMC and SGLD.
+
+Each `step()` consumes the gradient of the minibatch loss at the current position, where the
+target density is ln p(x) = -S * loss(x) (S = `scale_likelihood`; add a prior's negative log
+density to the loss). A step is one reduce pass, a few float64 scalars (`rtllm.rules`) and one
+update pass: the samplers differ only in their kick rule and schedule.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rtllm import rules
+from rtllm.backends import make_backend
+from rtllm.flat import MAX_SHARD_ELEMENTS, build_group, collect_grads, zero_grads
+
+STREAM_INIT = 0  # noise stream of the initial velocity
+STREAM_REFRESH = 1  # noise stream of the per-step refresh
+_NEXT_PHASE = {"first": "steady", "steady": "steady", "closing": "first"}
+_HYPER = ("dt", "refresh_rate", "mom_norm")
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return float(value)
+
+
+class FlatSampler(torch.optim.Optimizer):
+    """Shared machinery; subclasses set `kick` and `schedule`."""
+
+    kick: rules.KickRule = staticmethod(rules.ray_kick)
+    min_ray_dim = 1
+
+    def __init__(self, params, *, dt: float, scale_likelihood: float | None = None,
+                 loss_tolerance: float | None = None, refresh_rate: float = 1.0,
+                 mom_norm: float = 1.0, seed: int = 0, ray: str = "group", backend: str = "auto",
+                 max_shard_elements: int = MAX_SHARD_ELEMENTS) -> None:
+        _check_positive("dt", dt)
+        _check_positive("refresh_rate", refresh_rate, allow_zero=True)
+        _check_positive("mom_norm", mom_norm)
+        if scale_likelihood is not None and loss_tolerance is not None:
+            raise ValueError("give scale_likelihood or loss_tolerance, not both "
+                             "(loss_tolerance sets scale_likelihood = D / (2 * loss_tolerance))")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        if ray not in ("group", "model"):
+            raise ValueError(f"ray must be 'group' (one ray per parameter group) or 'model', got {ray!r}")
+        self._built = False
+        super().__init__(params, dict(dt=float(dt), refresh_rate=float(refresh_rate),
+                                      mom_norm=float(mom_norm)))
+        self._check_params()
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        if len(devices) != 1:
+            raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
+        self.device = devices.pop()
+        self._flat = [build_group(g["params"], max_shard_elements) for g in self.param_groups]
+        self._built = True
+
+        sizes = [fg.numel for fg in self._flat]
+        self.num_params = sum(sizes)
+        ray_sizes = sizes if ray == "group" else [self.num_params]
+        self._ray_of_group = list(range(len(sizes))) if ray == "group" else [0] * len(sizes)
+        for i, d in enumerate(ray_sizes):
+            if d < self.min_ray_dim:
+                raise ValueError(f"ray {i} has D = {d} parameters; ray tracing needs D >= 2 "
+                                 f"(group the parameters into one ray with ray='model', or use HMC)")
+        self.ray_dims = np.array(ray_sizes, dtype=np.float64)
+        if scale_likelihood is not None:
+            self.scale_likelihood = _check_positive("scale_likelihood", scale_likelihood)
+        elif loss_tolerance is not None:
+            self.scale_likelihood = self.num_params / (2 * _check_positive("loss_tolerance", loss_tolerance))
+        else:
+            self.scale_likelihood = float(self.num_params)
+        self.seed = seed
+        self.backend = make_backend(backend, self.device)
+        self._step = 0
+        self._phase = "first"
+        self._ln_lum = 0.0
+        self.skipped_steps = 0
+        for fg in self._flat:
+            for shard in fg.shards:
+                self.backend.draw_velocity(shard, seed=seed, stream=STREAM_INIT, scale=mom_norm)
+        self._momentum = [fg.view("v", i) for fg in self._flat for i in range(len(fg.params))]
+
+    def _check_params(self) -> None:
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                where = f"parameter {pi} of group {gi}"
+                if not p.is_floating_point():
+                    raise TypeError(f"{where} has dtype {p.dtype}; only floating-point parameters "
+                                    f"can be sampled")
+                if not p.requires_grad:
+                    raise ValueError(f"{where} does not require grad; pass only the parameters "
+                                     f"to sample (frozen ones stay out of the sampler)")
+                if p.grad is not None and p.grad.is_sparse:
+                    raise TypeError(f"{where} has a sparse gradient; sparse gradients are not "
+                                    f"supported")
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_built", False):
+            raise RuntimeError("parameter groups are fixed at construction (they live in flat "
+                               "buffers); build a new sampler to change them")
+        for key in _HYPER:
+            if key in param_group:
+                _check_positive(key, param_group[key], allow_zero=key == "refresh_rate")
+        super().add_param_group(param_group)
+
+    # -- public state -----------------------------------------------------------------------
+    @property
+    def ln_luminosity(self) -> float:
+        """Accumulated change of log radiance (float64), summed over rays, since first_step()."""
+        return self._ln_lum
+
+    @property
+    def steps_taken(self) -> int:
+        return self._step
+
+    @property
+    def momentum(self) -> list[Tensor]:
+        """Velocity per parameter: views of the velocity buffer, writable in place."""
+        return self._momentum
+
+    @momentum.setter
+    def momentum(self, values: Iterable[Tensor]) -> None:
+        values = list(values)
+        if len(values) != len(self._momentum):
+            raise ValueError(f"momentum needs {len(self._momentum)} tensors, got {len(values)}")
+        for i, (dst, src) in enumerate(zip(self._momentum, values)):
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"momentum[{i}] has shape {tuple(src.shape)}, the parameter has "
+                                 f"{tuple(dst.shape)}")
+        with torch.no_grad():
+            for dst, src in zip(self._momentum, values):
+                dst.copy_(src)
+
+    def hyper(self, key: str) -> float:
+        values = {g[key] for g in self.param_groups}
+        if len(values) != 1:
+            raise ValueError(f"{key} must be the same in every parameter group (the rays share one "
+                             f"clock), got {sorted(values)}")
+        return _check_positive(key, values.pop(), allow_zero=key == "refresh_rate")
+
+    # -- control --------------------------------------------------------------------------
+    def first_step(self) -> None:
+        """Start a new trajectory: the next step is a first step, ln_luminosity restarts at 0."""
+        self._phase = "first"
+        self._ln_lum = 0.0
+
+    def final_step(self) -> None:
+        """Make the next step a closing step (no drift); the step after it is a first step."""
+        self._phase = "closing"
+
+    @torch.no_grad()
+    def reverse_momentum(self) -> None:
+        for fg in self._flat:
+            for shard in fg.shards:
+                shard.v.neg_()
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero the gradient buffer in place (`set_to_none` is ignored: the .grad views must stay)."""
+        for fg in self._flat:
+            zero_grads(fg)
+
+    # -- the step -------------------------------------------------------------------------
+    def schedule(self, phase: str, dt: float, refresh_rate: float) -> rules.Schedule:
+        return rules.step_schedule(phase, dt, refresh_rate)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        dt, refresh_rate, mom_norm = (self.hyper(k) for k in _HYPER)
+        for fg in self._flat:
+            collect_grads(fg)
+        schedule = self.schedule(self._phase, dt, refresh_rate)
+        noise = rules.needs_noise(schedule)
+        key = dict(seed=self.seed, step=self._step, stream=STREAM_REFRESH, noise=noise)
+        shard_sums, shard_rays = [], []
+        for fg, ray in zip(self._flat, self._ray_of_group):
+            for shard in fg.shards:
+                shard_sums.append(self.backend.reduce(shard, **key))
+                shard_rays.append(ray)
+        # The one host sync of the step: the scalar rule needs the sums.
+        sums = torch.stack(shard_sums).to("cpu", torch.float64).numpy()
+        ray_sums = np.zeros((len(self.ray_dims), 6))
+        np.add.at(ray_sums, shard_rays, sums)
+        self._step += 1
+        if not np.isfinite(ray_sums).all():
+            self.skipped_steps += 1
+            warnings.warn(f"non-finite gradient (or velocity) at step {self._step - 1}: step "
+                          f"skipped ({self.skipped_steps} so far); lower dt or check the loss",
+                          RuntimeWarning, stacklevel=2)
+            return loss
+        coef = rules.compose(schedule, ray_sums, kick=self.kick, scale=self.scale_likelihood,
+                             dim=self.ray_dims, refresh_rate=refresh_rate, mom_norm=mom_norm)
+        alpha, beta, gamma = coef.alpha.tolist(), coef.beta.tolist(), coef.gamma.tolist()
+        for fg, ray in zip(self._flat, self._ray_of_group):
+            for shard in fg.shards:
+                self.backend.update(shard, alpha[ray], beta[ray], gamma[ray], coef.delta, **key)
+        self._ln_lum += float(coef.d_ln_lum.sum())
+        self._phase = _NEXT_PHASE[self._phase]
+        return loss
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue the chain exactly (tensors are live references)."""
+        return {
+            "sampler": type(self).__name__,
+            "seed": self.seed,
+            "step": self._step,
+            "phase": self._phase,
+            "ln_luminosity": self._ln_lum,
+            "skipped_steps": self.skipped_steps,
+            "scale_likelihood": self.scale_likelihood,
+            "ray_dims": self.ray_dims.tolist(),
+            "hyper": [{k: g[k] for k in _HYPER} for g in self.param_groups],
+            "position": [[s.x for s in fg.shards] for fg in self._flat],
+            "velocity": [[s.v for s in fg.shards] for fg in self._flat],
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("sampler") != type(self).__name__:
+            raise ValueError(f"state is from a {state.get('sampler')!r} sampler, this is "
+                             f"{type(self).__name__}")
+        layout = [[s.numel for s in fg.shards] for fg in self._flat]
+        theirs = [[t.numel() for t in g] for g in state["position"]]
+        if theirs != layout or state["ray_dims"] != self.ray_dims.tolist():
+            raise ValueError(f"state has shard sizes {theirs} and rays {state['ray_dims']}, this "
+                             f"sampler has {layout} and {self.ray_dims.tolist()}: build it with the "
+                             f"same parameters, groups and ray option")
+        for fg, xs, vs in zip(self._flat, state["position"], state["velocity"]):
+            for shard, x, v in zip(fg.shards, xs, vs):
+                shard.x.copy_(x)
+                shard.v.copy_(v)
+                if shard.compute is not None:
+                    shard.compute.copy_(shard.x)
+        for group, hyper in zip(self.param_groups, state["hyper"]):
+            group.update(hyper)
+        self.seed = state["seed"]
+        self._step = state["step"]
+        self._phase = state["phase"]
+        self._ln_lum = state["ln_luminosity"]
+        self.skipped_steps = state["skipped_steps"]
+        self.scale_likelihood = state["scale_likelihood"]
+
+
+class RayTracer(FlatSampler):
+    """The ray tracing sampler (Behroozi 2025) as a drop-in torch optimizer.
+
+    Rays move at constant speed through weight space; gradients only turn them, which makes the
+    sampler robust to minibatch noise. Args: dt (time step; the physical step is dt*|v|, about
+    dt*sqrt(D)); scale_likelihood S (default D, the total number of sampled parameters) or
+    loss_tolerance (S = D / (2*loss_tolerance)); refresh_rate (partial momentum refresh per unit
+    time; 0 disables it); mom_norm (std of the velocity components); seed; ray ('group': each
+    parameter group is its own ray, 'model': one ray); backend ('auto', 'torch', 'triton',
+    'reference'). A parameter whose .grad is None at step() has zero gradient.
+    """
+
+    min_ray_dim = 2
+
+
+class HMC(FlatSampler):
+    """Hamiltonian Monte Carlo with partial momentum refresh (unit mass), same interface.
+
+    ln_luminosity accumulates the kinetic-energy change of the kicks, so a Metropolis test reads
+    exactly as for RayTracer: accept with min(1, exp(ln p(x1) - ln p(x0) - ln_luminosity)).
+    """
+
+    kick = staticmethod(rules.hmc_kick)
+
+    def __init__(self, params, *, dt: float, mom_norm: float = 1.0, **kwargs) -> None:
+        if mom_norm != 1.0:
+            raise ValueError(f"mom_norm must be 1 for {type(self).__name__} (unit mass: another "
+                             f"value would sample p**(1/mom_norm**2)), got {mom_norm!r}; scale dt "
+                             f"instead")
+        super().__init__(params, dt=dt, mom_norm=1.0, **kwargs)
+
+
+class SGLD(HMC):
+    """Stochastic gradient Langevin dynamics: x <- x + (dt^2/2) grad ln p + dt N(0, I).
+
+    That is one HMC step with a full momentum refresh; the SGLD step size is eps = dt^2/2.
+    """
+
+    def schedule(self, phase: str, dt: float, refresh_rate: float) -> rules.Schedule:
+        return [(rules.REFRESH, rules.FULL_REFRESH), (rules.KICK, dt / 2), (rules.DRIFT, dt)]

@@ -1,0 +1,64 @@
+"""One-command set-up: make .venv, install rtllm with its test extras, then run a job.
+
+    python3 scripts/bootstrap.py test   [pytest args...]   # set up, then run the test suite
+    python3 scripts/bootstrap.py demo   [demo args...]     # set up, then run the built-in demo
+
+Needs only Python >= 3.10. Re-running is cheap: an existing .venv is reused.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / ("python.exe" if os.name == "nt" else "python")
+
+
+def _run(cmd: list[str], **kw) -> int:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    return subprocess.call([str(c) for c in cmd], **kw)
+
+
+def _pip(*args: str) -> int:
+    return _run([PY, "-m", "pip", "install", "--disable-pip-version-check", "-q", *args])
+
+
+def _has_torch() -> bool:
+    return subprocess.call([str(PY), "-c", "import torch"], stderr=subprocess.DEVNULL) == 0
+
+
+def setup() -> None:
+    if not PY.exists():
+        print(f"creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    if not _has_torch():
+        # Without an NVIDIA driver prefer a CPU build of torch (small; found where the package
+        # index serves one); otherwise, or if none is served, take the default build.
+        cpu_only = shutil.which("nvidia-smi") is None
+        if not (cpu_only and _pip("torch==2.13.0+cpu") == 0) and _pip("torch>=2.4") != 0:
+            sys.exit("could not install torch: see the pip output above")
+    if _pip("-e", f"{ROOT}[test]") != 0:
+        sys.exit("could not install rtllm: see the pip output above")
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("test", "demo"):
+        print(__doc__)
+        return 2
+    setup()
+    job, rest = argv[0], argv[1:]
+    if job == "test":
+        # The pytest launcher (not `python -m pytest`) keeps the repository root off sys.path,
+        # so the installed package, with rtllm.kernels mapped from kernels/, is what gets imported.
+        return _run([BIN / "pytest", *rest], cwd=ROOT)
+    return _run([BIN / "rtllm", "demo", *rest], cwd=ROOT)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
