@@ -140,5 +140,7 @@ def zero_grads(group: FlatGroup) -> None:
 
 
 def _aliases(a: Tensor, b: Tensor) -> bool:
+    if a.layout != torch.strided:
+        return False
     return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
             and a.stride() == b.stride())

@@ -1,0 +1,189 @@
+"""Triton kernels of the two-pass step (algorithms.md section 2) and their launchers.
+
+1. `reduce_sums`: read v, g, generate the noise n, return (vv, gg, vg, nn, nv, ng) in float64.
+2. `fused_update_`: regenerate the same n, v <- alpha v + beta g + gamma n, x <- x + delta v,
+   and write the low-precision compute copy of x.
+
+References: `reference.py` (`reduce_sums_ref`, `fused_update_ref_`); noise: `philox.py`.
+
+Layout: a program covers BLOCK consecutive *global* elements starting at a multiple of 4, i.e.
+BLOCK/4 Philox quads. Philox runs once per quad; its four normals are interleaved back into
+element order (4q + lane). Blocks are aligned to the global quad grid, not to the shard, so the
+first block of a shard whose offset is not a multiple of 4 starts up to 3 elements early (masked).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .philox import check_noise_args
+from .reference import check_coefficients, check_step_tensors
+
+__all__ = ["BLOCK", "reduce_sums", "fused_update_"]
+
+BLOCK = 1024  # elements per program = 256 Philox quads; memory-bound, no autotune
+_NUM_WARPS = 4
+_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NOISE_ARGS = ["seed", "step", "stream", "offset"]  # change every call: never specialize on them
+
+
+@triton.jit
+def _normals_block(seed, step, stream, quad0, QUADS: tl.constexpr):
+    """Normals for global elements 4*quad0 .. 4*quad0 + 4*QUADS - 1, in element order."""
+    q = quad0 + tl.arange(0, QUADS).to(tl.int64)
+    c0 = q.to(tl.uint32)  # truncates: low word
+    c1 = (q >> 32).to(tl.uint32)
+    zero = c0 * 0
+    c2 = zero + step.to(tl.uint32)
+    c3 = zero + stream.to(tl.uint32)
+    r0, r1, r2, r3 = tl.random.philox(seed, c0, c1, c2, c3)
+    n0, n1 = tl.random.pair_uniform_to_normal(
+        tl.random.uint_to_uniform_float(r0), tl.random.uint_to_uniform_float(r1)
+    )
+    n2, n3 = tl.random.pair_uniform_to_normal(
+        tl.random.uint_to_uniform_float(r2), tl.random.uint_to_uniform_float(r3)
+    )
+    # interleave(a, b) = a0 b0 a1 b1 ...; twice gives n0_q n1_q n2_q n3_q for each quad q.
+    return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
+
+
+@triton.jit
+def _block_index(offset, N, BLOCK: tl.constexpr):
+    """Local indices of this program's elements, their mask, and the first quad index."""
+    pid = tl.program_id(0).to(tl.int64)
+    offset = offset.to(tl.int64)
+    quad0 = offset // 4 + pid * (BLOCK // 4)
+    idx = quad0 * 4 + tl.arange(0, BLOCK).to(tl.int64) - offset  # int64: shards exceed 2^31
+    mask = (idx >= 0) & (idx < N)
+    return idx, mask, quad0
+
+
+@triton.jit(do_not_specialize=_NOISE_ARGS)
+def _reduce_sums_kernel(
+    v_ptr, g_ptr, part_ptr, N, seed, step, stream, offset,
+    NOISE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    idx, mask, quad0 = _block_index(offset, N, BLOCK)
+    v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    row = part_ptr + tl.program_id(0).to(tl.int64) * 6
+    tl.store(row + 0, tl.sum(v * v, axis=0))
+    tl.store(row + 1, tl.sum(g * g, axis=0))
+    tl.store(row + 2, tl.sum(v * g, axis=0))
+    if NOISE:
+        n = _normals_block(seed, step, stream, quad0, BLOCK // 4)
+        n = tl.where(mask, n, 0.0)
+        tl.store(row + 3, tl.sum(n * n, axis=0))
+        tl.store(row + 4, tl.sum(n * v, axis=0))
+        tl.store(row + 5, tl.sum(n * g, axis=0))
+    else:
+        tl.store(row + 3, 0.0)
+        tl.store(row + 4, 0.0)
+        tl.store(row + 5, 0.0)
+
+
+@triton.jit(do_not_specialize=_NOISE_ARGS)
+def _fused_update_kernel(
+    x_ptr, v_ptr, g_ptr, c_ptr, N, alpha, beta, gamma, delta, seed, step, stream, offset,
+    NOISE: tl.constexpr, HAS_COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    idx, mask, quad0 = _block_index(offset, N, BLOCK)
+    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    v = alpha * v + beta * g
+    if NOISE:
+        v += gamma * _normals_block(seed, step, stream, quad0, BLOCK // 4)
+    x += delta * v
+    tl.store(v_ptr + idx, v, mask=mask)
+    tl.store(x_ptr + idx, x, mask=mask)
+    if HAS_COMPUTE:
+        tl.store(c_ptr + idx, x.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def _check_device(v: torch.Tensor) -> None:
+    if v.device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"the Triton kernels need CUDA tensors (got {v.device}); use the *_ref functions "
+            "or set TRITON_INTERPRET=1 before importing triton"
+        )
+
+
+def _grid(n: int, offset: int) -> tuple[int]:
+    return (triton.cdiv(n + offset % 4, BLOCK),)
+
+
+def reduce_sums(
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    seed: int,
+    step: int,
+    stream: int,
+    offset: int = 0,
+    noise: bool = True,
+) -> torch.Tensor:
+    """(vv, gg, vg, nn, nv, ng): float64 tensor [6] on v's device, no host sync.
+
+    Deterministic: fp32 per-block partials, summed in float64 by torch in a fixed order.
+    """
+    check_step_tensors(None, v, g, None, state_dtypes=(torch.float32,), grad_dtypes=_GRAD_DTYPES)
+    check_noise_args(seed, step, stream, offset)
+    _check_device(v)
+    n = v.numel()
+    if n == 0:
+        return torch.zeros(6, dtype=torch.float64, device=v.device)
+    grid = _grid(n, offset)
+    partials = torch.empty((grid[0], 6), dtype=torch.float32, device=v.device)
+    _reduce_sums_kernel[grid](
+        v, g, partials, n, seed, step & 0xFFFFFFFF, stream, offset,
+        NOISE=bool(noise), BLOCK=BLOCK, num_warps=_NUM_WARPS,
+    )
+    return torch.sum(partials, dim=0, dtype=torch.float64)
+
+
+def fused_update_(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    compute: torch.Tensor | None = None,
+    *,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    delta: float,
+    seed: int,
+    step: int,
+    stream: int,
+    offset: int = 0,
+    noise: bool = True,
+) -> None:
+    """In place: v <- alpha v + beta g + gamma n; x <- x + delta v; compute <- x in its dtype.
+
+    Arithmetic in fp32 (coefficients rounded to fp32); the compute copy is rounded from fp32 x.
+    """
+    check_step_tensors(
+        x, v, g, compute, state_dtypes=(torch.float32,),
+        grad_dtypes=_GRAD_DTYPES, compute_dtypes=_COMPUTE_DTYPES,
+    )
+    check_noise_args(seed, step, stream, offset)
+    check_coefficients(alpha=alpha, beta=beta, gamma=gamma, delta=delta)
+    _check_device(v)
+    n = v.numel()
+    if n == 0:
+        return
+    _fused_update_kernel[_grid(n, offset)](
+        x, v, g, x if compute is None else compute, n,
+        float(alpha), float(beta), float(gamma), float(delta),
+        seed, step & 0xFFFFFFFF, stream, offset,
+        NOISE=bool(noise), HAS_COMPUTE=compute is not None, BLOCK=BLOCK, num_warps=_NUM_WARPS,
+    )
