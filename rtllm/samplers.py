@@ -18,9 +18,8 @@ from torch import Tensor
 from rtllm import rules
 from rtllm.backends import make_backend
 from rtllm.flat import MAX_SHARD_ELEMENTS, build_group, collect_grads, zero_grads
+from rtllm.kernels.philox import STREAM_INIT, STREAM_REFRESH
 
-STREAM_INIT = 0  # noise stream of the initial velocity
-STREAM_REFRESH = 1  # noise stream of the per-step refresh
 _NEXT_PHASE = {"first": "steady", "steady": "steady", "closing": "first"}
 _HYPER = ("dt", "refresh_rate", "mom_norm")
 
