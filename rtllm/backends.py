@@ -23,6 +23,8 @@ from rtllm.flat import Shard
 # torch backend: elements per noise chunk and per work item. Small enough to stay in cache and
 # to keep torch.dot's serial fp32 accumulation short (~1e-6 relative error per partial sum).
 CHUNK = 2**16
+PIECES_PER_TASK = 4  # torch backend: chunks per thread-pool task in the reduce pass
+UPDATE_SLICE = 2**22  # torch backend: elements per slice of the update pass
 NOISE_CACHE_MAX = 2**28  # torch backend: keep up to 1 GiB of fp32 noise per shard between passes
 _MASK64 = (1 << 64) - 1
 
@@ -103,7 +105,7 @@ class TorchBackend:
         key = (seed, step, stream)
         cache, _ = self._noise_buffer(shard, key) if noise else (None, False)
 
-        def work(piece):
+        def partial_sums(piece) -> Tensor:
             start, n, chunk, within = piece
             v = shard.v[start : start + n]
             g = shard.g[start : start + n].float()
@@ -115,30 +117,42 @@ class TorchBackend:
             self._draw(nz, shard, chunk, within, key)
             return torch.stack([vv, gg, vg, torch.dot(nz, nz), torch.dot(nz, v), torch.dot(nz, g)])
 
-        # Per-chunk fp32 partials, summed in float64 in a fixed order: deterministic.
-        partials = self._pool_map(work, list(self._pieces(shard)))
-        if not partials:
+        pieces = list(self._pieces(shard))
+        if not pieces:
             return torch.zeros(6, dtype=torch.float64)
-        return torch.stack(partials).sum(0, dtype=torch.float64)
+        # A few pieces per task keep the thread pool's overhead small next to the work.
+        items = [pieces[i : i + PIECES_PER_TASK] for i in range(0, len(pieces), PIECES_PER_TASK)]
+        partials = self._pool_map(lambda item: torch.stack([partial_sums(p) for p in item]), items)
+        # Per-chunk fp32 partials, summed in float64 in a fixed order: deterministic.
+        return torch.cat(partials).sum(0, dtype=torch.float64)
 
     def update(self, shard: Shard, alpha: float, beta: float, gamma: float, delta: float, *,
                seed: int, step: int, stream: int, noise: bool) -> None:
         key = (seed, step, stream)
         noise = noise and gamma != 0.0
         cache, fresh = self._noise_buffer(shard, key) if noise else (None, False)
-        for start, n, chunk, within in self._pieces(shard):
-            sl = slice(start, start + n)
-            v = shard.v[sl]
-            v.mul_(alpha).add_(shard.g[sl], alpha=beta)
-            if noise:
-                nz = cache[sl] if cache is not None else torch.empty_like(v)
-                if not fresh:
-                    self._draw(nz, shard, chunk, within, key)
-                v.add_(nz, alpha=gamma)
-            if delta != 0.0:
-                shard.x[sl].add_(v, alpha=delta)
-                if shard.compute is not None:
-                    shard.compute[sl].copy_(shard.x[sl])
+        if noise and not fresh:  # no cache, or a step without a reduce pass: draw the noise again
+            for start, n, chunk, within in self._pieces(shard):
+                nz = cache[start : start + n] if cache is not None else torch.empty(n)
+                self._draw(nz, shard, chunk, within, key)
+                self._update_slice(shard, slice(start, start + n), nz, alpha, beta, gamma, delta)
+            return
+        # Elementwise and memory-bound: large slices, torch's own threads.
+        for start in range(0, shard.numel, UPDATE_SLICE):
+            sl = slice(start, start + UPDATE_SLICE)
+            self._update_slice(shard, sl, cache[sl] if noise else None, alpha, beta, gamma, delta)
+
+    @staticmethod
+    def _update_slice(shard: Shard, sl: slice, nz: Tensor | None, alpha: float, beta: float,
+                      gamma: float, delta: float) -> None:
+        v = shard.v[sl]
+        v.mul_(alpha).add_(shard.g[sl], alpha=beta)
+        if nz is not None:
+            v.add_(nz, alpha=gamma)
+        if delta != 0.0:
+            shard.x[sl].add_(v, alpha=delta)
+            if shard.compute is not None:
+                shard.compute[sl].copy_(shard.x[sl])
 
     def draw_velocity(self, shard: Shard, *, seed: int, stream: int, scale: float) -> None:
         for start, n, chunk, within in self._pieces(shard):

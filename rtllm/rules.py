@@ -152,3 +152,22 @@ def compose(
         else:
             raise ValueError(f"unknown schedule operation {op!r}")
     return Coefficients(alpha=p, beta=q, gamma=r, delta=delta, d_ln_lum=d_ln_lum)
+
+
+def step_diagnostics(sums: Array, coef: Coefficients) -> dict[str, float]:
+    """Diagnostics of one step from its sums: |g|, the speed after it, the largest angle turned.
+
+    The angle between v and v_new (radians, over rays) shows how hard the gradients steer.
+    """
+    s = np.asarray(sums, dtype=np.float64)
+    vv, gg, vg, nn, nv, ng = np.moveaxis(s, -1, 0)
+    a, b, c = coef.alpha, coef.beta, coef.gamma
+    new_vv = np.maximum(a * a * vv + b * b * gg + c * c * nn + 2 * (a * b * vg + a * c * nv + b * c * ng), 0.0)
+    with np.errstate(all="ignore"):
+        cos = (a * vv + b * vg + c * nv) / np.sqrt(vv * new_vv)
+    angle = np.arccos(np.clip(np.nan_to_num(cos, nan=1.0), -1.0, 1.0))
+    return {
+        "grad_norm": float(np.sqrt(gg.sum())),
+        "speed": float(np.sqrt(new_vv.sum())),
+        "angle": float(angle.max()),
+    }

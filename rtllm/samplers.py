@@ -84,6 +84,7 @@ class FlatSampler(torch.optim.Optimizer):
         self._phase = "first"
         self._ln_lum = 0.0
         self.skipped_steps = 0
+        self.last_info: dict[str, float] = {}  # diagnostics of the last step (rules.step_diagnostics)
         for fg in self._flat:
             for shard in fg.shards:
                 self.backend.draw_velocity(shard, seed=seed, stream=STREAM_INIT, scale=mom_norm)
@@ -209,6 +210,7 @@ class FlatSampler(torch.optim.Optimizer):
                 self.backend.update(shard, alpha[ray], beta[ray], gamma[ray], coef.delta, **key)
         self._ln_lum += float(coef.d_ln_lum.sum())
         self._phase = _NEXT_PHASE[self._phase]
+        self.last_info = rules.step_diagnostics(ray_sums, coef)
         return loss
 
     # -- checkpoints ----------------------------------------------------------------------

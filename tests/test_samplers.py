@@ -348,3 +348,17 @@ def test_no_warnings_in_a_normal_run():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run(model, opt, 3)
+
+
+def test_step_diagnostics_match_the_vectors():
+    model = tiny_model()
+    opt = rtllm.RayTracer(model.parameters(), dt=0.05, seed=2)
+    before = torch.cat([v.reshape(-1) for v in opt.momentum]).double().clone()
+    loss_of(model, batch()).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double().clone()
+    opt.step()
+    after = torch.cat([v.reshape(-1) for v in opt.momentum]).double()
+    angle = torch.arccos(before @ after / (before.norm() * after.norm()))
+    assert opt.last_info["angle"] == pytest.approx(float(angle), rel=1e-4, abs=1e-6)
+    assert opt.last_info["speed"] == pytest.approx(float(after.norm()), rel=1e-5)
+    assert opt.last_info["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-5)
