@@ -19,6 +19,7 @@ from rtllm import rules
 from rtllm.backends import make_backend
 from rtllm.flat import MAX_SHARD_ELEMENTS, build_group, collect_grads, zero_grads
 from rtllm.kernels.philox import STREAM_INIT, STREAM_REFRESH
+from rtllm.prior import GaussianPrior
 
 _NEXT_PHASE = {"first": "steady", "steady": "steady", "closing": "first"}
 _HYPER = ("dt", "refresh_rate", "mom_norm")
@@ -41,6 +42,7 @@ class FlatSampler(torch.optim.Optimizer):
     def __init__(self, params, *, dt: float, scale_likelihood: float | None = None,
                  loss_tolerance: float | None = None, refresh_rate: float = 1.0,
                  mom_norm: float = 1.0, seed: int = 0, ray: str = "group", backend: str = "auto",
+                 prior_scale: float | None = None, prior_center: str = "zero",
                  max_shard_elements: int = MAX_SHARD_ELEMENTS) -> None:
         _check_positive("dt", dt)
         _check_positive("refresh_rate", refresh_rate, allow_zero=True)
@@ -80,6 +82,8 @@ class FlatSampler(torch.optim.Optimizer):
             self.scale_likelihood = float(self.num_params)
         self.seed = seed
         self.backend = make_backend(backend, self.device)
+        self.prior = None if prior_scale is None else \
+            GaussianPrior(self.shards, scale=prior_scale, center=prior_center)
         self._step = 0
         self._phase = "first"
         self._ln_lum = 0.0
@@ -118,6 +122,11 @@ class FlatSampler(torch.optim.Optimizer):
     def ln_luminosity(self) -> float:
         """Accumulated change of log radiance (float64), summed over rays, since first_step()."""
         return self._ln_lum
+
+    @property
+    def shards(self) -> list:
+        """All shards of all groups, in order."""
+        return [s for fg in self._flat for s in fg.shards]
 
     @property
     def steps_taken(self) -> int:
@@ -183,6 +192,8 @@ class FlatSampler(torch.optim.Optimizer):
         dt, refresh_rate, mom_norm = (self.hyper(k) for k in _HYPER)
         for fg in self._flat:
             collect_grads(fg)
+        if self.prior is not None:
+            self.prior.add_gradient_(self.shards, self.scale_likelihood)
         schedule = self.schedule(self._phase, dt, refresh_rate)
         noise = rules.needs_noise(schedule)
         key = dict(seed=self.seed, step=self._step, stream=STREAM_REFRESH, noise=noise)
@@ -228,6 +239,7 @@ class FlatSampler(torch.optim.Optimizer):
             "hyper": [{k: g[k] for k in _HYPER} for g in self.param_groups],
             "position": [[s.x for s in fg.shards] for fg in self._flat],
             "velocity": [[s.v for s in fg.shards] for fg in self._flat],
+            "prior": None if self.prior is None else self.prior.state_dict(),
         }
 
     @torch.no_grad()
@@ -255,6 +267,11 @@ class FlatSampler(torch.optim.Optimizer):
         self._ln_lum = state["ln_luminosity"]
         self.skipped_steps = state["skipped_steps"]
         self.scale_likelihood = state["scale_likelihood"]
+        if (state.get("prior") is None) != (self.prior is None):
+            raise ValueError("state and sampler disagree on having a prior; build the sampler "
+                             "with the same prior_scale / prior_center")
+        if self.prior is not None:
+            self.prior.load_state_dict(state["prior"])
 
 
 class RayTracer(FlatSampler):
@@ -266,7 +283,8 @@ class RayTracer(FlatSampler):
     loss_tolerance (S = D / (2*loss_tolerance)); refresh_rate (partial momentum refresh per unit
     time; 0 disables it); mom_norm (std of the velocity components); seed; ray ('group': each
     parameter group is its own ray, 'model': one ray); backend ('auto', 'torch', 'triton',
-    'reference'). A parameter whose .grad is None at step() has zero gradient.
+    'reference'); prior_scale / prior_center: an optional N(center, prior_scale^2 I) prior, not
+    scaled by S (rtllm.prior). A parameter whose .grad is None at step() has zero gradient.
     """
 
     min_ray_dim = 2

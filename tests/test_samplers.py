@@ -362,3 +362,22 @@ def test_step_diagnostics_match_the_vectors():
     assert opt.last_info["angle"] == pytest.approx(float(angle), rel=1e-4, abs=1e-6)
     assert opt.last_info["speed"] == pytest.approx(float(after.norm()), rel=1e-5)
     assert opt.last_info["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-5)
+
+
+@pytest.mark.parametrize("center", ["zero", "start"])
+def test_prior_alone_is_sampled(center):
+    """Zero loss: the chain samples the prior N(center, sigma^2 I), whatever S is."""
+    start = torch.full((500,), 0.3)
+    x = torch.nn.Parameter(start.clone())
+    opt = rtllm.RayTracer([x], dt=0.05, scale_likelihood=7.0, prior_scale=0.5, prior_center=center, seed=1)
+    draws = []
+    for i in range(3000):
+        opt.zero_grad()
+        opt.step()
+        if i >= 500 and i % 10 == 0:
+            draws.append(x.detach().clone())
+    d = torch.stack(draws) - (0.0 if center == "zero" else start)
+    # 250 draws x 500 coordinates, correlated over ~10-20 draws: >= 5000 effective values;
+    # sd of the variance estimate <= 0.25*sqrt(2/5000) = 0.005, of the mean <= 0.5/sqrt(5000) = 0.007.
+    assert float(d.var()) == pytest.approx(0.25, abs=0.025)  # 5 sigma
+    assert abs(float(d.mean())) < 0.035  # 5 sigma
