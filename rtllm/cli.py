@@ -1,0 +1,130 @@
+"""The `rtllm` command: pretrain, sample, demo (and the same entry points as functions)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rtllm.config import DEFAULT_LOSS_TOLERANCE, SampleConfig
+
+
+def _dt(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--dt must be 'auto' or a number, got {text!r}") from None
+
+
+def _add_sample_args(p: argparse.ArgumentParser) -> None:
+    d = SampleConfig.__dataclass_fields__
+    a = p.add_argument
+    a("--model", required=True, help="local Hugging Face causal-LM directory (config, weights, tokenizer)")
+    a("--train", nargs="+", required=True, help="training text: files or directories of text files")
+    a("--out", required=True, help="output directory for the ensemble (samples/, ensemble.json, log)")
+    a("--heldout", nargs="+", default=[], help="held-out text (default: the last 5%% of the training text, "
+      "excluded from training)")
+    a("--steps", type=int, default=d["steps"].default, help="total sampler steps, burn-in included (%(default)s)")
+    a("--burn-in", type=int, default=d["burn_in"].default, help="steps before the first sample, dt trials "
+      "included (%(default)s)")
+    a("--thin", type=int, default=d["thin"].default, help="take a sample every THIN steps after burn-in (%(default)s)")
+    a("--dt", type=_dt, default="auto", help="time step, or 'auto' to choose it by the paper's recipe (%(default)s)")
+    a("--loss-tolerance", type=float, help=f"nats per token the posterior may sit above the optimum; sets "
+      f"S = D/(2*tol) (default {DEFAULT_LOSS_TOLERANCE})")
+    a("--scale-likelihood", type=float, help="S in ln p = -S * mean token loss (instead of --loss-tolerance)")
+    a("--prior-scale", type=float, help="std of an isotropic Gaussian prior on the weights (default: none)")
+    a("--prior-center", choices=["zero", "start"], default="zero", help="prior mean: zero, or the starting "
+      "weights (+2 bytes/parameter) (%(default)s)")
+    a("--batch-size", type=int, default=d["batch_size"].default, help="sequences per step (%(default)s)")
+    a("--micro-batch", type=int, help="sequences per forward/backward; gradients accumulate in fp32")
+    a("--seq-len", type=int, help="tokens per sequence (default: the model's context length)")
+    a("--refresh-rate", type=float, default=d["refresh_rate"].default, help="partial velocity refresh per "
+      "unit time (%(default)s)")
+    a("--params", help="regex: sample only the parameters whose names match; the rest stay frozen")
+    a("--ray-per", choices=["model", "group", "tensor"], default=d["ray_per"].default,
+      help="one ray for the model, per layer group, or per tensor (%(default)s)")
+    a("--reject-threshold", type=float, default=d["reject_threshold"].default, help="a step whose loss jumps "
+      "by more than this (nats) is undone, or its samples masked (%(default)s)")
+    a("--log-every", type=int, default=d["log_every"].default, help="held-out loss and probe every N steps "
+      "(%(default)s)")
+    a("--checkpoint-every", type=int, help="steps between checkpoints (default: about every 10 minutes)")
+    a("--sample-dtype", choices=["compute", "fp32"], default="compute", help="store samples in the compute "
+      "dtype (bf16 on GPU) or as fp32 master weights (%(default)s)")
+    a("--seed", type=int, default=0, help="seed of the chain (%(default)s)")
+    a("--device", default="auto", help="cpu, cuda, cuda:N or auto (%(default)s)")
+    a("--deterministic", action="store_true", help="deterministic CUDA kernels (bit-identical resume on GPU)")
+    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    a("--overwrite", action="store_true", help="replace an earlier rtllm run in --out")
+
+
+def config_from_args(args: argparse.Namespace) -> SampleConfig:
+    return SampleConfig(
+        model=args.model, train=tuple(args.train), out=args.out, heldout=tuple(args.heldout),
+        steps=args.steps, burn_in=args.burn_in, thin=args.thin, dt=args.dt,
+        loss_tolerance=args.loss_tolerance, scale_likelihood=args.scale_likelihood,
+        prior_scale=args.prior_scale, prior_center=args.prior_center, batch_size=args.batch_size,
+        micro_batch=args.micro_batch, seq_len=args.seq_len, refresh_rate=args.refresh_rate,
+        params=args.params, ray_per=args.ray_per, reject_threshold=args.reject_threshold,
+        log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+        sample_dtype=args.sample_dtype, seed=args.seed, device=args.device,
+        deterministic=args.deterministic)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from rtllm.sampling import sample
+
+    sample(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from rtllm.pretrain import pretrain
+
+    kwargs = {} if args.steps is None else {"steps": args.steps}
+    pretrain(Path(args.out), [Path(t) for t in args.text] if args.text else None, seed=args.seed,
+             overwrite=args.overwrite, **kwargs)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rtllm.demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps, overwrite=args.overwrite)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtllm", description="Posterior samples of language-model "
+                                     "weights with the ray tracing sampler.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("sample", help="sample the weights of a Hugging Face checkpoint")
+    _add_sample_args(p)
+    p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("pretrain", help="train the tiny built-in GPT-2 (no download)")
+    p.add_argument("--out", required=True, help="directory for the model and tokenizer")
+    p.add_argument("--text", nargs="+", help="training text files (default: the bundled corpus)")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("demo", help="pretrain (or reuse) the tiny model, sample it, export and evaluate")
+    p.add_argument("--out", default="rtllm-demo", help="working directory (%(default)s)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the demo's own)")
+    p.add_argument("--overwrite", action="store_true", help="re-run the sampling even if it exists")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
+        # One line that says what is wrong and what to do; the traceback helps nobody here.
+        print(f"rtllm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The configuration of a sampling run: one frozen, validated dataclass.
+
+It is written into ensemble.json and every checkpoint, so a run can be resumed and audited.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The defaults give a useful ensemble on the built-in demo without tuning (docs/sampling.md).
+DEFAULT_LOSS_TOLERANCE = 0.05  # nats per token the posterior may sit above the optimum
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    model: str
+    train: tuple[str, ...]
+    out: str
+    heldout: tuple[str, ...] = ()
+    steps: int = 1000
+    burn_in: int = 200
+    thin: int = 20
+    dt: float | str = "auto"
+    loss_tolerance: float | None = None
+    scale_likelihood: float | None = None
+    prior_scale: float | None = None
+    prior_center: str = "zero"
+    batch_size: int = 8
+    micro_batch: int | None = None
+    seq_len: int | None = None
+    refresh_rate: float = 1.0
+    params: str | None = None
+    ray_per: str = "model"
+    reject_threshold: float | None = 1.0
+    log_every: int = 10
+    checkpoint_every: int | None = None  # steps; None: about every 10 minutes of run time
+    sample_dtype: str = "compute"
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = False
+    chain: int = 0
+    dt_trial_steps: int = 10
+    extra: dict = field(default_factory=dict)  # free-form notes carried into the manifest
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, allow_zero: bool = False) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= "
+                                 f"{0 if allow_zero else 1}, got {value!r}")
+
+        def positive_float(name: str, value) -> None:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value!r}")
+
+        if not self.train:
+            raise ValueError("--train needs at least one text file or directory")
+        for name in ("steps", "thin", "batch_size", "log_every", "dt_trial_steps"):
+            positive_int(name)
+        for name in ("burn_in", "chain", "seed"):
+            positive_int(name, allow_zero=True)
+        if self.burn_in >= self.steps:
+            raise ValueError(f"--burn-in ({self.burn_in}) must be smaller than --steps ({self.steps}), "
+                             f"which counts the burn-in too")
+        if self.dt != "auto":
+            positive_float("dt", self.dt)
+        if self.loss_tolerance is not None and self.scale_likelihood is not None:
+            raise ValueError("give --loss-tolerance or --scale-likelihood, not both")
+        for name in ("loss_tolerance", "scale_likelihood", "prior_scale", "reject_threshold"):
+            if getattr(self, name) is not None:
+                positive_float(name, getattr(self, name))
+        if self.refresh_rate < 0 or not math.isfinite(self.refresh_rate):
+            raise ValueError(f"--refresh-rate must be >= 0, got {self.refresh_rate!r}")
+        if self.micro_batch is not None:
+            positive_int("micro_batch")
+            if self.batch_size % self.micro_batch:
+                raise ValueError(f"--micro-batch ({self.micro_batch}) must divide --batch-size "
+                                 f"({self.batch_size})")
+        if self.seq_len is not None:
+            positive_int("seq_len")
+        if self.checkpoint_every is not None:
+            positive_int("checkpoint_every")
+        for name, allowed in (("prior_center", ("zero", "start")), ("ray_per", ("model", "group", "tensor")),
+                              ("sample_dtype", ("compute", "fp32"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
+
+    @property
+    def tolerance(self) -> float:
+        return self.loss_tolerance if self.loss_tolerance is not None else DEFAULT_LOSS_TOLERANCE
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def chain_defining(self) -> dict:
+        """The fields that define the chain: a resumed run must agree on all of them."""
+        skip = {"steps", "checkpoint_every", "log_every", "device", "extra"}
+        return {k: v for k, v in self.to_json().items() if k not in skip}

@@ -1,0 +1,358 @@
+"""The sampling run: a Hugging Face checkpoint and text in, an ensemble of weight samples out.
+
+Target: ln p(x) = -S * (mean token cross-entropy of a minibatch) + ln prior(x), with
+S = D / (2 * loss_tolerance) unless --scale-likelihood is given (docs/sampling.md). One
+`SamplingRun` owns the model, the data, the sampler and the sample writer; `run()` tunes dt
+(`--dt auto`), steps the chain, logs, takes samples, checkpoints, and resumes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rtllm import tune
+from rtllm.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from rtllm.config import SampleConfig
+from rtllm.data import MinibatchOrder, TokenData, context_length, read_texts
+from rtllm.loss import lm_loss
+from rtllm.model_io import load_model_and_tokenizer, param_groups_for, prepare_for_sampling, select_parameters
+from rtllm.runlog import RunLog, peak_memory_bytes
+from rtllm.samplers import RayTracer
+from rtllm.storage import SampleWriter, check_free_disk, copy_tokenizer, estimate_run_disk
+
+RUN_MARKER = "run.json"  # marks a directory as an rtllm output (so --overwrite may clear it)
+PROBE_SEQUENCES, PROBE_POSITIONS, PROBE_TOP = 2, 64, 5
+HELDOUT_EVAL_SEQUENCES = 8
+CHECKPOINT_SECONDS = 600.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def prepare_out_dir(cfg: SampleConfig, resume: bool, overwrite: bool) -> None:
+    out = cfg.out_dir
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory")
+    if out.exists() and any(out.iterdir()) and not resume:
+        if not overwrite:
+            raise ValueError(f"--out {out} is not empty: pass --resume to continue its run or "
+                             f"--overwrite to replace it")
+        if not (out / RUN_MARKER).exists():
+            raise ValueError(f"--out {out} is not empty and holds no rtllm run ({RUN_MARKER}); "
+                             f"--overwrite only replaces rtllm outputs: choose another directory")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+class SamplingRun:
+    def __init__(self, cfg: SampleConfig, *, resume: bool = False, overwrite: bool = False,
+                 log: Callable[[str], None] = print) -> None:
+        self.cfg, self.say = cfg, log
+        self.device = resolve_device(cfg.device)
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        # Load (and validate) everything before touching the output directory.
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype, device=self.device)
+        prepare_for_sampling(self.model)
+        self.data = TokenData.from_texts(self.tokenizer, read_texts(cfg.train),
+                                         heldout=read_texts(cfg.heldout) if cfg.heldout else None,
+                                         seq_len=cfg.seq_len, context=context_length(self.model))
+        self.order = MinibatchOrder(len(self.data.train), cfg.batch_size, cfg.seed)
+        sampled, self.frozen = select_parameters(self.model, cfg.params)
+        self.num_params = sum(p.numel() for _, p in sampled)
+        self.scale = cfg.scale_likelihood or self.num_params / (2 * cfg.tolerance)
+        self.tolerance = self.num_params / (2 * self.scale)
+        self.sampler = RayTracer(
+            param_groups_for(sampled, cfg.ray_per), dt=1.0 if cfg.dt == "auto" else cfg.dt,
+            scale_likelihood=self.scale, refresh_rate=cfg.refresh_rate, seed=cfg.seed,
+            ray="model" if cfg.ray_per == "model" else "group", prior_scale=cfg.prior_scale,
+            prior_center=cfg.prior_center)
+        prepare_out_dir(cfg, resume, overwrite)
+        self.ckpt_path = checkpoint_path(cfg.out_dir, cfg.chain)
+        self.n_samples = len(range(cfg.burn_in + cfg.thin - 1, cfg.steps, cfg.thin))
+        self.state = dict(step=0, cursor=0, dt=None, dt_trials=[], prev_loss=None, flagged=[])
+        self._check_disk()
+        self._backup = self._make_backup()
+        self.resumed = False
+        if resume:
+            self._load_checkpoint()
+        (cfg.out_dir / RUN_MARKER).write_text(json.dumps(self.manifest_config(), indent=2))
+        copy_tokenizer(cfg.model, cfg.out_dir)
+        self.log = RunLog(cfg.out_dir / f"log-chain-{cfg.chain:03d}.jsonl")
+        self.probe = self._make_probe()
+
+    # -- set-up helpers ---------------------------------------------------------------------
+    def manifest_config(self) -> dict:
+        """What defines the samples; stored in the manifest and in every sample's metadata.
+
+        Paths of the output and timing-like settings stay out, so a resumed run (or the same
+        run in another directory) writes byte-identical sample files.
+        """
+        cfg = {k: v for k, v in self.cfg.chain_defining().items() if k != "out"}
+        return {**cfg, "num_params": self.num_params, "scale_likelihood": self.scale,
+                "loss_tolerance_effective": self.tolerance, "dt": self.state["dt"]}
+
+    def _named_tensors(self) -> dict[str, torch.Tensor]:
+        """HF state-dict names -> live tensors: the compute copy, or the fp32 master weights."""
+        named = dict(self.model.state_dict())
+        if self.cfg.sample_dtype == "fp32":
+            masters = {id(p): fg.view("x", i) for fg in self.sampler._flat for i, p in enumerate(fg.params)}
+            for name, p in self.model.named_parameters(remove_duplicate=False):  # tied names too
+                if id(p) in masters:
+                    named[name] = masters[id(p)]
+        return named
+
+    def _check_disk(self) -> None:
+        bytes_per_sample = sum(t.numel() * (4 if self.cfg.sample_dtype == "fp32" else t.element_size())
+                               for t in self.model.state_dict().values())
+        ckpt = self.num_params * 8 * (2 if self._backup_fits() else 1)
+        need = estimate_run_disk(bytes_per_sample, self.n_samples, ckpt)
+        check_free_disk(self.cfg.out_dir, need, what=f"{self.n_samples} samples and a checkpoint")
+
+    def _backup_fits(self) -> bool:
+        """Undoing a rejected step needs a copy of x and v (8 bytes/parameter)."""
+        need = self.num_params * 8
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info()[0] > 2 * need
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return False
+        return avail > 4 * need
+
+    def _make_backup(self):
+        if self.cfg.reject_threshold is None or not self._backup_fits():
+            return None
+        return [(s.x.clone(), s.v.clone()) for s in self.sampler.shards]
+
+    def _make_probe(self) -> dict:
+        """A fixed held-out batch and, per position, the starting model's top-5 next tokens."""
+        seqs = self.data.heldout[:PROBE_SEQUENCES, : PROBE_POSITIONS + 1].to(self.device)
+        probs = self._next_token_probs(seqs[:, :-1])
+        top = probs.topk(PROBE_TOP, dim=-1).indices
+        return {"inputs": seqs[:, :-1], "top_ids": top}
+
+    # -- model evaluations ------------------------------------------------------------------
+    @torch.no_grad()
+    def _next_token_probs(self, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(inputs).logits.float(), dim=-1)
+
+    @torch.no_grad()
+    def heldout_loss(self) -> float:
+        seqs = self.data.heldout[:HELDOUT_EVAL_SEQUENCES].to(self.device)
+        return float(lm_loss(self.model, seqs[:, :-1], seqs[:, 1:]))
+
+    def _loss_and_grad(self, cursor: int) -> tuple[float, int]:
+        """Minibatch loss at the current weights; gradients land in the sampler's buffer."""
+        seqs = self.data.train[self.order.batch(cursor)].to(self.device)
+        micro = self.cfg.micro_batch or len(seqs)
+        self.sampler.zero_grad()
+        shards = self.sampler.shards
+        # bf16 gradients of several micro-batches are accumulated in fp32.
+        acc = [torch.zeros_like(s.g, dtype=torch.float32) for s in shards] \
+            if micro < len(seqs) and shards[0].g.dtype != torch.float32 else None
+        total = 0.0
+        for part in seqs.split(micro):
+            loss = lm_loss(self.model, part[:, :-1], part[:, 1:]) * (len(part) / len(seqs))
+            loss.backward()
+            total += float(loss.detach())
+            if acc is not None:
+                for a, s in zip(acc, shards):
+                    a.add_(s.g.float())
+                    s.g.zero_()
+        if acc is not None:
+            for a, s in zip(acc, shards):
+                s.g.copy_(a)
+        return total, seqs[:, 1:].numel()
+
+    # -- dt auto ------------------------------------------------------------------------
+    def _trial(self, dt: float) -> tune.Trial:
+        """A few steps from the current state on fixed batches, then everything restored."""
+        saved = _cloned(self.sampler.state_dict())
+        cursors = range(self.cfg.dt_trial_steps)
+        start = self._mean_loss(cursors)
+        self._set_dt(dt)
+        for c in cursors:
+            loss, _ = self._loss_and_grad(c)
+            if not math.isfinite(loss):
+                break
+            self.sampler.step()
+        end = self._mean_loss(cursors) if math.isfinite(loss) else math.inf
+        self.sampler.load_state_dict(saved)
+        trial = tune.Trial(dt=dt, start_loss=start, end_loss=end,
+                           stable=tune.is_stable(start, end, self.tolerance))
+        self.log.write({"type": "dt_trial", **trial.__dict__})
+        self.say(f"  dt trial {dt:.3g}: loss {start:.4f} -> {end:.4f} "
+                 f"({'stable' if trial.stable else 'diverged'})")
+        return trial
+
+    @torch.no_grad()
+    def _mean_loss(self, cursors) -> float:
+        losses = [float(lm_loss(self.model, s[:, :-1], s[:, 1:]))
+                  for s in (self.data.train[self.order.batch(c)].to(self.device) for c in cursors)]
+        return sum(losses) / len(losses)
+
+    def _set_dt(self, dt: float) -> None:
+        for group in self.sampler.param_groups:
+            group["dt"] = dt
+
+    def choose_dt(self) -> float:
+        if self.cfg.dt != "auto":
+            return float(self.cfg.dt)
+        self.say(f"choosing dt (--dt auto): trials of {self.cfg.dt_trial_steps} steps from "
+                 f"dt0 = 0.03/sqrt(D), tolerance {self.tolerance:.3g} nats")
+        dt, trials = tune.search_dt(self._trial, tune.initial_dt(self.num_params))
+        self.state["dt_trials"] = [t.__dict__ for t in trials]
+        self.say(f"dt = {dt:.4g} ({len(trials)} trials)")
+        return dt
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _save_checkpoint(self) -> None:
+        self.writer.flush()  # a checkpoint at step t promises every sample up to t is on disk
+        save_checkpoint(self.ckpt_path, {
+            "config": self.cfg.chain_defining(), "state": self.state,
+            "sampler": self.sampler.state_dict(),
+            "backup": self._backup,
+        })
+        self.log.write({"type": "checkpoint", "step": self.state["step"]})
+
+    def _load_checkpoint(self) -> None:
+        ckpt = load_checkpoint(self.ckpt_path)
+        if ckpt is None:
+            self.say(f"--resume: no checkpoint in {self.ckpt_path.parent}, starting fresh")
+            return
+        if ckpt["config"] != self.cfg.chain_defining():
+            diff = sorted(k for k in ckpt["config"] if ckpt["config"][k] != self.cfg.chain_defining().get(k))
+            raise ValueError(f"--resume: the checkpoint was made with different settings ({', '.join(diff)}); "
+                             f"resume with the same ones, or start a new run with --overwrite")
+        self.sampler.load_state_dict(ckpt["sampler"])
+        if self._backup is not None and ckpt["backup"] is not None:
+            for (bx, bv), (cx, cv) in zip(self._backup, ckpt["backup"]):
+                bx.copy_(cx)
+                bv.copy_(cv)
+        self.state = ckpt["state"]
+        self.resumed = True
+        self.say(f"resumed from step {self.state['step']} ({self.ckpt_path})")
+
+    # -- the loop -------------------------------------------------------------------------
+    def _undo_last_step(self) -> None:
+        """Restore x and v from before the last update and reverse v (the ray bounces back)."""
+        for shard, (bx, bv) in zip(self.sampler.shards, self._backup):
+            shard.x.copy_(bx)
+            shard.v.copy_(bv).neg_()
+            if shard.compute is not None:
+                shard.compute.copy_(shard.x)
+
+    def run(self) -> Path:
+        cfg, st = self.cfg, self.state
+        self.writer = SampleWriter(cfg.out_dir, model_config=self.model.config,
+                                   named_tensors=self._named_tensors(),
+                                   sample_dtype=torch.float32 if cfg.sample_dtype == "fp32" else None,
+                                   run_config=self.manifest_config())
+        with self.writer:
+            if st["dt"] is None:
+                st["dt"] = self.choose_dt()
+                self.writer.update_config(self.manifest_config())
+            self._set_dt(st["dt"])
+            self._loop()
+            self._save_checkpoint()
+        self.say(f"done: {self.n_samples} samples in {cfg.out_dir / 'samples'}, manifest "
+                 f"{cfg.out_dir / 'ensemble.json'}, log {self.log.path}")
+        return cfg.out_dir
+
+    def _loop(self) -> None:
+        cfg, st = self.cfg, self.state
+        last_ckpt = time.monotonic()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=st["step"], desc="sampling", dynamic_ncols=True,
+                   disable=not os.isatty(2))
+        while st["step"] < cfg.steps:
+            t = st["step"]
+            t0 = time.perf_counter()
+            loss, tokens = self._loss_and_grad(st["cursor"])
+            st["cursor"] += 1
+            if not math.isfinite(loss) and t == 0:
+                raise ValueError(f"the loss is {loss} at the starting weights: check the model "
+                                 f"and the text (nothing was sampled)")
+            record = {"type": "step", "step": t, "loss": loss, "dt": st["dt"],
+                      "phase": "burn-in" if t < cfg.burn_in else "sampling"}
+            jump = st["prev_loss"] is not None and (not math.isfinite(loss) or
+                                                    loss - st["prev_loss"] > (cfg.reject_threshold or math.inf))
+            if jump:
+                record["rejected"] = "undone" if self._backup is not None else "flagged for masking"
+                if self._backup is not None:
+                    self._undo_last_step()
+                else:
+                    st["flagged"].append(t)
+            else:
+                if self._backup is not None:
+                    for shard, (bx, bv) in zip(self.sampler.shards, self._backup):
+                        bx.copy_(shard.x)
+                        bv.copy_(shard.v)
+                self.writer.wait_snapshot()  # the update must not overwrite a sample mid-copy
+                self.sampler.step()
+                st["prev_loss"] = loss
+                record.update(self.sampler.last_info, ln_luminosity=self.sampler.ln_luminosity)
+            st["step"] = t + 1
+            is_sample = t >= cfg.burn_in and (t - cfg.burn_in + 1) % cfg.thin == 0
+            need_heldout = is_sample or t % cfg.log_every == 0 or t + 1 == cfg.steps
+            if need_heldout:
+                record["heldout_loss"] = self.heldout_loss()
+            if t % cfg.log_every == 0 or t + 1 == cfg.steps:
+                self._log_probe(t)
+            if is_sample:
+                index = (t - cfg.burn_in + 1) // cfg.thin - 1
+                masked = any(t - cfg.thin < f <= t for f in st["flagged"])
+                self.writer.submit(index=index, chain=cfg.chain, step=t + 1, loss=loss,
+                                   heldout_loss=record["heldout_loss"], masked=masked)
+            record["tokens_per_s"] = tokens / (time.perf_counter() - t0)
+            record["peak_memory_bytes"] = peak_memory_bytes(self.device)
+            self.log.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", heldout=f"{record.get('heldout_loss', float('nan')):.3f}",
+                            angle=f"{record.get('angle', 0.0):.2e}")
+            due = (st["step"] % cfg.checkpoint_every == 0) if cfg.checkpoint_every else \
+                time.monotonic() - last_ckpt > CHECKPOINT_SECONDS
+            if due and st["step"] < cfg.steps:
+                self._save_checkpoint()
+                last_ckpt = time.monotonic()
+        bar.close()
+
+    def _log_probe(self, step: int) -> None:
+        probs = self._next_token_probs(self.probe["inputs"])
+        picked = probs.gather(-1, self.probe["top_ids"])
+        self.log.write({"type": "probe", "step": step,
+                        "probs": [[round(float(p), 7) for p in row] for row in picked.reshape(-1, PROBE_TOP)]})
+
+
+def _cloned(obj):
+    """A deep copy of a state dict's tensors (the sampler's state_dict holds live references)."""
+    if torch.is_tensor(obj):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _cloned(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cloned(v) for v in obj]
+    return obj
+
+
+def sample(cfg: SampleConfig, *, resume: bool = False, overwrite: bool = False,
+           log: Callable[[str], None] = print) -> Path:
+    """Run a sampling job end to end; returns the output directory."""
+    return SamplingRun(cfg, resume=resume, overwrite=overwrite, log=log).run()
