@@ -75,8 +75,8 @@ class TorchBackend:
         seed, step, stream = key
         gen = self._generator()
         gen.manual_seed(chunk_seed(seed, step, stream, chunk))
-        # The chunk's length depends only on the group's size, so its draw is sharding-invariant.
-        full = min(CHUNK, shard.group_numel - chunk * CHUNK)
+        # The chunk's length depends only on the total size, so its draw is sharding-invariant.
+        full = min(CHUNK, shard.total_numel - chunk * CHUNK)
         if within == 0 and out.numel() == full:
             out.normal_(generator=gen)
         else:

@@ -22,8 +22,10 @@ class Shard:
     v: Tensor  # fp32 velocity
     g: Tensor  # gradient, parameters' dtype
     compute: Tensor | None  # low-precision copy the model uses; None when that is x itself
-    offset: int  # global index of x[0] within its group: noise is keyed on it, not on sharding
-    group_numel: int  # size of the whole group
+    # Global index of x[0] in the sampler's whole parameter vector (all groups): the noise is
+    # keyed on it, so it depends neither on sharding nor on grouping, and groups never share it.
+    offset: int
+    total_numel: int  # size of that whole vector
 
     @property
     def numel(self) -> int:
@@ -70,8 +72,12 @@ def _pack(params: list[torch.nn.Parameter], max_shard: int) -> tuple[list[Slot],
     return slots, sizes
 
 
-def build_group(params: list[torch.nn.Parameter], max_shard: int = MAX_SHARD_ELEMENTS) -> FlatGroup:
-    """Move `params` into flat shards; the parameters become views of the compute buffer."""
+def build_group(params: list[torch.nn.Parameter], max_shard: int = MAX_SHARD_ELEMENTS, *,
+                base_offset: int = 0, total_numel: int | None = None) -> FlatGroup:
+    """Move `params` into flat shards; the parameters become views of the compute buffer.
+
+    base_offset: global index of the group's first element; total_numel: elements of all groups.
+    """
     devices = {p.device for p in params}
     dtypes = {p.dtype for p in params}
     if len(devices) != 1 or len(dtypes) != 1:
@@ -81,17 +87,18 @@ def build_group(params: list[torch.nn.Parameter], max_shard: int = MAX_SHARD_ELE
         )
     (device,), (dtype,) = devices, dtypes
     slots, sizes = _pack(params, max_shard)
-    shards, offset, total = [], 0, sum(sizes)
+    shards, offset = [], base_offset
+    total = base_offset + sum(sizes) if total_numel is None else total_numel
     for n in sizes:
         x = torch.empty(n, dtype=torch.float32, device=device)
         compute = None if dtype == torch.float32 else torch.empty(n, dtype=dtype, device=device)
         shards.append(
             Shard(x=x, v=torch.zeros(n, dtype=torch.float32, device=device),
                   g=torch.zeros(n, dtype=dtype, device=device), compute=compute, offset=offset,
-                  group_numel=total)
+                  total_numel=total)
         )
         offset += n
-    group = FlatGroup(list(params), shards, slots, offset)
+    group = FlatGroup(list(params), shards, slots, offset - base_offset)
     with torch.no_grad():
         for i, p in enumerate(params):
             group.view("x", i).copy_(p)

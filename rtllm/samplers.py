@@ -62,10 +62,12 @@ class FlatSampler(torch.optim.Optimizer):
         if len(devices) != 1:
             raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
         self.device = devices.pop()
-        self._flat = [build_group(g["params"], max_shard_elements) for g in self.param_groups]
+        sizes = [sum(p.numel() for p in g["params"]) for g in self.param_groups]
+        bases = [sum(sizes[:i]) for i in range(len(sizes))]
+        self._flat = [build_group(g["params"], max_shard_elements, base_offset=b, total_numel=sum(sizes))
+                      for g, b in zip(self.param_groups, bases)]
         self._built = True
 
-        sizes = [fg.numel for fg in self._flat]
         self.num_params = sum(sizes)
         ray_sizes = sizes if ray == "group" else [self.num_params]
         self._ray_of_group = list(range(len(sizes))) if ray == "group" else [0] * len(sizes)

@@ -381,3 +381,15 @@ def test_prior_alone_is_sampled(center):
     # sd of the variance estimate <= 0.25*sqrt(2/5000) = 0.005, of the mean <= 0.5/sqrt(5000) = 0.007.
     assert float(d.var()) == pytest.approx(0.25, abs=0.025)  # 5 sigma
     assert abs(float(d.mean())) < 0.035  # 5 sigma
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_parameter_groups_draw_independent_noise(backend):
+    """Two identical groups must not share noise (it is keyed on the global element index)."""
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1000))]} for _ in range(2)]
+    opt = rtllm.HMC(groups, dt=0.1, backend=backend, seed=3)
+    a, b = opt.momentum
+    assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) < 0.2  # 1000 pairs: sd 0.03
+    for _ in range(3):
+        opt.step()
+    assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) < 0.2
