@@ -58,10 +58,16 @@ def ray_kick(vv: Array, gg: Array, vg: Array, h: float, scale: float, dim: Array
         live = (gg > 0) & (vv > 0)  # zero gradient (or velocity): no kick, the ray still drifts
         c = np.clip(np.where(live, -vg / (mn * gn), 0.0), -1.0, 1.0)
         k = h * mn * gn * scale / (dim - 1)
-        # log(sin(theta)/sin(theta')) in a form that stays accurate for k ~ 1e-10 (large D).
-        d_ln_lum = np.where(live, (dim - 1) * (k + np.log1p(0.5 * (1 - c) * np.expm1(-2 * k))), 0.0)
         sin_t = np.sqrt((1 - c) * (1 + c))
-        turns = live & (sin_t > 0)  # v parallel to g: nothing to rotate
+        # Below ~1e-7 sin(theta) is under the resolution of c (known to a few eps from the sums):
+        # v is parallel to g as far as we can tell, and there is nothing to rotate.
+        turns = live & (sin_t > 1e-7)
+        # log(sin(theta)/sin(theta')) = k + log1p((1-c)/2 * expm1(-2k)): accurate for k ~ 1e-10
+        # (large D); for large k the log1p argument nears -1, so switch to a logaddexp form.
+        x = 0.5 * (1 - c) * np.expm1(-2 * k)
+        ln_ratio = np.where(x > -0.5, k + np.log1p(x),
+                            np.logaddexp(np.log(0.5 * (1 + c)) + k, np.log(0.5 * (1 - c)) - k))
+        d_ln_lum = np.where(turns, (dim - 1) * ln_ratio, np.where(live, (dim - 1) * k * c, 0.0))
         tau = np.sqrt((1 - c) / (1 + c)) * np.exp(-k)
         cos_new = (1 - tau * tau) / (1 + tau * tau)
         sin_new = 2 * tau / (1 + tau * tau)

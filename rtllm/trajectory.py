@@ -7,6 +7,7 @@ once along a leading batch dimension; the scalar rules broadcast over it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -72,9 +73,13 @@ def sample_trajectories(
     for name, value in (("n_samples", n_samples), ("n_leapfrog", n_leapfrog)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if not dt > 0:
-        raise ValueError(f"dt must be > 0, got {dt!r}")
-    if refresh_rate < 0:
+    if not x0.is_floating_point():
+        raise ValueError(f"x0 must be a floating-point tensor (float64 for tests), got {x0.dtype}")
+    if not (math.isfinite(dt) and dt > 0):
+        raise ValueError(f"dt must be a finite number > 0, got {dt!r}")
+    if not (math.isfinite(mom_norm) and mom_norm > 0):
+        raise ValueError(f"mom_norm must be a finite number > 0, got {mom_norm!r}")
+    if not refresh_rate >= 0:  # also refuses NaN; inf means a full refresh every step
         raise ValueError(f"refresh_rate must be >= 0, got {refresh_rate!r}")
 
     gen = torch.Generator(device=x0.device).manual_seed(seed)
