@@ -1,0 +1,54 @@
+"""A random tiny GPT-2 + byte-level BPE tokenizer saved as a Hugging Face directory, in ~1 s.
+
+For tests that need something `from_pretrained` can load, without the minute `pretrain` takes.
+Register the session fixture in conftest.py with
+`from tiny_gpt2 import tiny_model_dir  # noqa: F401`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from rtllm.corpus import train_files
+from rtllm.pretrain import train_bpe_tokenizer
+
+TOKENIZER_TEXT_BYTES = 8_000  # enough for a few hundred merges, still trains in milliseconds
+
+
+def make_tiny_gpt2(
+    dir: str | Path,
+    *,
+    vocab_size: int = 384,
+    n_layer: int = 2,
+    n_embd: int = 32,
+    n_head: int = 2,
+    n_positions: int = 64,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised GPT2LMHeadModel and its tokenizer into `dir`; return `dir`.
+
+    The tokenizer is trained on the first few KB of the bundled corpus, so Shakespeare-like
+    text tokenizes into short, realistic ids. Same seed, same weights.
+    """
+    dir = Path(dir)
+    text = train_files()[0].read_text(encoding="utf-8")[:TOKENIZER_TEXT_BYTES]
+    tokenizer = train_bpe_tokenizer([text], vocab_size, max_length=n_positions)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+        n_head=n_head, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    model.save_pretrained(dir)
+    tokenizer.save_pretrained(dir)
+    return dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny GPT-2 directory shared by the whole session; treat it as read-only."""
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
