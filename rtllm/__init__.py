@@ -2,4 +2,16 @@
 from rtllm.samplers import HMC, SGLD, RayTracer
 from rtllm.trajectory import TrajectoryResult, sample_trajectories
 
-__all__ = ["RayTracer", "HMC", "SGLD", "sample_trajectories", "TrajectoryResult"]
+# The LLM side imports transformers; load it on first use so `import rtllm` stays light.
+_LAZY = {"SampleConfig": "rtllm.config", "sample": "rtllm.sampling", "Ensemble": "rtllm.ensemble",
+         "load_sample": "rtllm.ensemble"}
+
+__all__ = ["RayTracer", "HMC", "SGLD", "sample_trajectories", "TrajectoryResult", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'rtllm' has no attribute {name!r}")

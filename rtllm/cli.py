@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar and messages say what happens
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:

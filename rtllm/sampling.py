@@ -82,6 +82,10 @@ class SamplingRun:
             scale_likelihood=self.scale, refresh_rate=cfg.refresh_rate, seed=cfg.seed,
             ray="model" if cfg.ray_per == "model" else "group", prior_scale=cfg.prior_scale,
             prior_center=cfg.prior_center)
+        start_loss = self._mean_loss([0])
+        if not math.isfinite(start_loss):
+            raise ValueError(f"the loss is {start_loss} at the starting weights: check the model and "
+                             f"the text (nothing was written)")
         prepare_out_dir(cfg, resume, overwrite)
         self.ckpt_path = checkpoint_path(cfg.out_dir, cfg.chain)
         self.n_samples = len(range(cfg.burn_in + cfg.thin - 1, cfg.steps, cfg.thin))
@@ -287,9 +291,6 @@ class SamplingRun:
             t0 = time.perf_counter()
             loss, tokens = self._loss_and_grad(st["cursor"])
             st["cursor"] += 1
-            if not math.isfinite(loss) and t == 0:
-                raise ValueError(f"the loss is {loss} at the starting weights: check the model "
-                                 f"and the text (nothing was sampled)")
             record = {"type": "step", "step": t, "loss": loss, "dt": st["dt"],
                       "phase": "burn-in" if t < cfg.burn_in else "sampling"}
             jump = st["prev_loss"] is not None and (not math.isfinite(loss) or

@@ -52,3 +52,31 @@ def make_tiny_gpt2(
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny GPT-2 directory shared by the whole session; treat it as read-only."""
     return make_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+def corpus_text(n_bytes: int, offset: int = 0) -> str:
+    """A slice of the bundled training text (real English, so a tiny model can learn something)."""
+    return train_files()[0].read_text(encoding="utf-8")[offset : offset + n_bytes]
+
+
+def save_trained_tiny_model(dir: str | Path, *, steps: int = 150, seq_len: int = 32, seed: int = 0) -> Path:
+    """make_tiny_gpt2, then a few seconds of AdamW on the bundled text: a *trained* start, as
+    sampling expects (from a random start the chain just descends)."""
+    dir = make_tiny_gpt2(dir, seed=seed)
+    model = GPT2LMHeadModel.from_pretrained(dir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(dir)
+    ids = torch.tensor(tokenizer(corpus_text(30_000))["input_ids"])
+    seqs = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        batch = seqs[torch.randint(len(seqs), (16,), generator=gen)]
+        loss = model(batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(dir)
+    return dir
