@@ -264,8 +264,9 @@ class SamplingRun:
 
     def run(self) -> Path:
         cfg, st = self.cfg, self.state
+        frozen = {n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
         self.writer = SampleWriter(cfg.out_dir, model_config=self.model.config,
-                                   named_tensors=self._named_tensors(),
+                                   named_tensors=self._named_tensors(), frozen=frozen,
                                    sample_dtype=torch.float32 if cfg.sample_dtype == "fp32" else None,
                                    run_config=self.manifest_config())
         with self.writer:
