@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import rtllm
+from rtllm.diagnostics import integrated_autocorr_time as sokal_tau
 
 SAMPLERS = {"ray": (rtllm.RayTracer, 0), "hmc": (rtllm.HMC, 1)}  # class, seed
 
@@ -51,16 +52,9 @@ def run_chain(sampler: str, sigma: float, *, steps: int, dim: int, dt: float, ra
     return (sq / dim).numpy()
 
 
-def integrated_autocorr_time(y: np.ndarray, c: float = 5.0) -> float:
-    y = np.asarray(y, dtype=np.float64) - np.mean(y)
-    n = len(y)
-    f = np.fft.rfft(y, 2 * n)
-    acf = np.fft.irfft(f * np.conj(f))[:n]
-    acf /= acf[0]
-    taus = 2 * np.cumsum(acf) - 1
-    window = np.arange(n) >= c * taus
-    m = int(np.argmax(window)) if window.any() else n - 1
-    return float(max(taus[m], 1.0))
+def integrated_autocorr_time(y: np.ndarray) -> float:
+    """Sokal's estimate (rtllm.diagnostics), at least 1."""
+    return max(sokal_tau(y), 1.0)
 
 
 def mean_se_tau(y: np.ndarray, batches: int = 20) -> tuple[float, float, float]:

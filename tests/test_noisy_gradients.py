@@ -31,6 +31,7 @@ import pytest
 import torch
 
 import rtllm
+from rtllm.diagnostics import integrated_autocorr_time as sokal_tau
 
 D = 1000
 DT = 1e-2
@@ -94,17 +95,9 @@ def chain(sampler: str, sigma: float, steps: int, seed: int | None = None) -> np
     return out
 
 
-def integrated_autocorr_time(y: np.ndarray, c: float = 5.0) -> float:
-    """Sokal's estimate: tau = 1 + 2*sum_{t=1..M} rho(t), smallest M with M >= c*tau."""
-    y = np.asarray(y, dtype=np.float64) - np.mean(y)
-    n = len(y)
-    f = np.fft.rfft(y, 2 * n)
-    acf = np.fft.irfft(f * np.conj(f))[:n]
-    acf /= acf[0]
-    taus = 2 * np.cumsum(acf) - 1  # taus[M] = 1 + 2*sum_{t=1..M} rho(t)
-    window = np.arange(n) >= c * taus
-    m = int(np.argmax(window)) if window.any() else n - 1
-    return float(max(taus[m], 1.0))
+def integrated_autocorr_time(y: np.ndarray) -> float:
+    """Sokal's estimate (rtllm.diagnostics), at least 1."""
+    return max(sokal_tau(y), 1.0)
 
 
 def standard_error(y: np.ndarray, batches: int = 20) -> float:
