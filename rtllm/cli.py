@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("evaluate", help="token-level predictive uncertainty of an ensemble")
+    from rtllm.evaluate import add_evaluate_args, cmd_evaluate
+
+    add_evaluate_args(p)
+    p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("demo", help="pretrain (or reuse) the tiny model, sample it, export and evaluate")
     p.add_argument("--out", default="rtllm-demo", help="working directory (%(default)s)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the demo's own)")

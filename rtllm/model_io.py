@@ -198,3 +198,13 @@ def param_groups_for(named_params: list[tuple[str, nn.Parameter]], ray_per: str)
         group["params"].append(param)
         group["names"].append(name)
     return list(groups.values())
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """'auto' is CUDA when a GPU is visible, else CPU; asking for an absent GPU is an error."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} but no CUDA GPU is visible; use --device cpu")
+    return device

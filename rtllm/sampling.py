@@ -22,7 +22,8 @@ from rtllm.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from rtllm.config import SampleConfig
 from rtllm.data import MinibatchOrder, TokenData, context_length, read_texts
 from rtllm.loss import lm_loss
-from rtllm.model_io import load_model_and_tokenizer, param_groups_for, prepare_for_sampling, select_parameters
+from rtllm.model_io import (load_model_and_tokenizer, param_groups_for, prepare_for_sampling, resolve_device,
+                            select_parameters)
 from rtllm.runlog import RunLog, peak_memory_bytes
 from rtllm.samplers import RayTracer
 from rtllm.storage import SampleWriter, check_free_disk, copy_tokenizer, estimate_run_disk
@@ -31,15 +32,6 @@ RUN_MARKER = "run.json"  # marks a directory as an rtllm output (so --overwrite 
 PROBE_SEQUENCES, PROBE_POSITIONS, PROBE_TOP = 2, 64, 5
 HELDOUT_EVAL_SEQUENCES = 8
 CHECKPOINT_SECONDS = 600.0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA GPU is visible; use --device cpu")
-    return device
 
 
 def prepare_out_dir(cfg: SampleConfig, resume: bool, overwrite: bool) -> None:
