@@ -424,14 +424,39 @@ def write_evaluation(result: "EvalResult", out: Path) -> dict[str, Path]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    result = evaluate(args.ensemble, args.data, ood_texts=args.ood, baseline=args.baseline,
-                      seq_len=args.seq_len, max_samples=args.max_samples,
-                      max_memory=args.max_memory,
-                      mask=None if args.include_masked else "manifest",
-                      mask_heldout_above=args.mask_heldout_above, device=args.device,
-                      progress=lambda m: print(f"rtllm evaluate: {m}", file=sys.stderr))
-    paths = write_evaluation(result, Path(args.out))
+    from rtllm.diagnostics import diagnose
+    from rtllm.storage import atomic_write_json
+
+    def run(masking: bool) -> EvalResult:
+        return evaluate(args.ensemble, args.data, ood_texts=args.ood, baseline=args.baseline,
+                        seq_len=args.seq_len, max_samples=args.max_samples,
+                        max_memory=args.max_memory, mask="manifest" if masking else None,
+                        mask_heldout_above=args.mask_heldout_above if masking else None,
+                        device=args.device,
+                        progress=lambda m: print(f"rtllm evaluate: {m}", file=sys.stderr))
+
+    out = Path(args.out)
+    result = run(masking=not args.include_masked)
+    paths = write_evaluation(result, out)
     for key, value in result.summary.items():
         print(f"{key:>22}  {value:.4f}" if isinstance(value, float) else f"{key:>22}  {value}")
+    if result.summary["n_samples_masked"]:
+        # Masked samples are reported, and the headline numbers shown with them too.
+        everything = run(masking=False).summary
+        atomic_write_json(out / "summary_unmasked.json", everything)
+        paths["summary_unmasked"] = out / "summary_unmasked.json"
+        for key in ("nll_bma", "mean_epistemic", "ece_top1"):
+            print(f"{key:>22}  {result.summary[key]:.4f} without the {result.summary['n_samples_masked']} "
+                  f"masked samples, {everything[key]:.4f} with them")
+    try:
+        diag = diagnose(args.ensemble)
+    except (ValueError, FileNotFoundError) as err:  # no sampling log next to the samples
+        print(f"rtllm evaluate: no convergence diagnostics ({err})", file=sys.stderr)
+    else:
+        atomic_write_json(out / "diagnostics.json", diag)
+        paths["diagnostics"] = out / "diagnostics.json"
+        fmt = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
+        print(f"{'probe tau (median)':>22}  {fmt(diag['tau_median_steps'])} steps; converged "
+              f"fraction {fmt(diag['fraction_converged'])}; split R-hat max {fmt(diag['rhat_max'])}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -64,14 +64,12 @@ def bench_ours(numel, tensors, device, dtype, repeat):
     opt.step()  # leave the first step behind: time steady steps
     step = timed(opt.step, repeat, device)
     # Split the step into its passes (same calls the step makes).
-    shards = [s for fg in opt._flat for s in fg.shards]
+    shards, backend = opt.shards, opt.backend
     key = dict(seed=0, step=opt.steps_taken, stream=STREAM_REFRESH, noise=True)
-    reduce = timed(lambda: [opt.backend.reduce(s, **key) for s in shards], repeat, device)
-    update = timed(lambda: [opt.backend.update(s, 1.0, -1e-9, 1e-9, 0.0, **key) for s in shards],
+    reduce = timed(lambda: [backend.reduce(s, **key) for s in shards], repeat, device)
+    update = timed(lambda: [backend.update(s, 1.0, -1e-9, 1e-9, 0.0, **key) for s in shards],
                    repeat, device)
-    backend = opt.backend.name
-    del opt, params
-    return dict(step=step, reduce=reduce, update=update, backend=backend)
+    return dict(step=step, reduce=reduce, update=update, backend=backend.name)
 
 
 def bench_paper(numel, tensors, device, dtype, repeat):
