@@ -38,6 +38,7 @@ from rtllm.model_io import _TOKENIZER_FILES, resolve_device
 DEFAULT_MAX_MEMORY = 1 << 30
 DEFAULT_MAX_SEQ_LEN = 1024  # cap of the default window: attention cost grows with T^2
 # Tokenized by both tokenizers when a baseline is given: ASCII, digits, whitespace, non-ASCII.
+FORWARD_WINDOWS = 32  # windows per forward pass inside a chunk
 PROBE_TEXT = "The quick brown fox, 1234 times.\n\tNaïve café: ¿qué? 東京 🙂 <|endoftext|>"
 
 
@@ -119,9 +120,13 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
                 for entry in order:
                     if entry["index"] != loader.loaded:
                         loader.load_next()
-                    logits = model(input_ids=seqs[:, :-1], use_cache=False).logits
-                    acc.add(logits, entry["weight"])
-                    del logits
+                    # Forward in cache-sized pieces: one pass over a whole chunk runs its
+                    # elementwise layers over gigabytes of activations (~2x slower on CPU).
+                    for w in range(0, len(seqs), FORWARD_WINDOWS):
+                        logits = model(input_ids=seqs[w:w + FORWARD_WINDOWS, :-1], use_cache=False).logits
+                        acc.add_block(logits.reshape(-1, logits.shape[-1]), entry["weight"], w * seq_len)
+                        del logits
+                    acc.close_sample(entry["weight"])
                 parts.append({k: v.cpu().numpy() for k, v in acc.finalize().items()})
                 del acc
                 say(f"chunk {c + 1}/{len(chunks)} done")

@@ -43,10 +43,11 @@ def block_rows_for(vocab: int, block_bytes: int = _BLOCK_BYTES) -> int:
 class PredictiveAccumulator:
     """Running per-token sums over samples for one chunk of N scored tokens.
 
-    `add(logits, weight)` once per sample (logits `[N, V]`, any float dtype); `finalize()`
-    returns the per-token metrics. Log-softmax, entropies and the observed token's log-prob are
-    computed in fp64 over row blocks (so MI of near-identical samples is not swamped by fp32
-    rounding); only the running mean of p is stored, in fp32. The BMA probability of the
+    `add(logits, weight)` once per sample (logits `[N, V]`, any float dtype), or `add_block`
+    per piece and `close_sample`; `finalize()` returns the per-token metrics. Log-softmax and
+    entropies are elementwise fp32 with fp64 accumulation over the vocabulary (a third of the
+    cost of fp64 throughout; entropy errors ~1e-7 nats, far below the epistemic values of
+    interest); only the running mean of p is stored, in fp32. The BMA probability of the
     observed token is kept as a running fp64 log-sum-exp, so its NLL stays finite even when
     that probability is below fp32's range.
     """
@@ -63,24 +64,36 @@ class PredictiveAccumulator:
 
     @torch.no_grad()
     def add(self, logits: Tensor, weight: float = 1.0) -> None:
-        logits = logits.reshape(self.targets.numel(), -1)
+        """One sample's logits for all N tokens."""
+        self.add_block(logits.reshape(self.targets.numel(), -1), weight, 0)
+        self.close_sample(weight)
+
+    @torch.no_grad()
+    def add_block(self, logits: Tensor, weight: float, start: int) -> None:
+        """One sample's logits `[n, V]` for tokens start..start+n (forward passes in pieces);
+        call close_sample(weight) once the sample has covered all N tokens."""
         if not weight > 0:
             raise ValueError(f"sample weight must be > 0, got {weight!r}")
         if self.mean_p is None:
-            self.mean_p = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+            self.mean_p = torch.zeros(self.targets.numel(), logits.shape[-1], dtype=torch.float32,
+                                      device=logits.device)
         log_w = math.log(weight)
         step = block_rows_for(logits.shape[1], self.block_bytes)
         for r in range(0, logits.shape[0], step):
-            rows = slice(r, r + step)
-            lp = torch.log_softmax(logits[rows].double(), dim=-1)
+            local = slice(r, r + step)
+            rows = slice(start + r, start + r + len(logits[local]))
+            lp = torch.log_softmax(logits[local].float(), dim=-1)
             p = lp.exp()
             # -inf logits (a masked vocabulary entry) have p = 0: clamp so 0 * log 0 is 0.
-            ent = -(p * lp.clamp(min=torch.finfo(torch.float64).min)).sum(-1)
-            lp_obs = lp.gather(1, self.targets[rows, None])[:, 0]
+            # fp32 elementwise, fp64 accumulation: a third of the fp64 cost, errors ~1e-7 nats.
+            ent = -(p * lp.clamp_(min=torch.finfo(torch.float32).min)).sum(-1, dtype=torch.float64)
+            lp_obs = lp.gather(1, self.targets[rows, None])[:, 0].double()
             self.aleatoric[rows] += weight * ent
             self.nll_samples[rows] -= weight * lp_obs
             self.log_p_obs[rows] = torch.logaddexp(self.log_p_obs[rows], lp_obs + log_w)
-            self.mean_p[rows] += (p.mul_(weight)).float()
+            self.mean_p[rows].add_(p, alpha=weight)
+
+    def close_sample(self, weight: float) -> None:
         self.total_weight += weight
 
     @torch.no_grad()
