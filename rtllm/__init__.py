@@ -4,7 +4,7 @@ from rtllm.trajectory import TrajectoryResult, sample_trajectories
 
 # The LLM side imports transformers; load it on first use so `import rtllm` stays light.
 _LAZY = {"SampleConfig": "rtllm.config", "sample": "rtllm.sampling", "Ensemble": "rtllm.ensemble",
-         "load_sample": "rtllm.ensemble"}
+         "load_sample": "rtllm.ensemble", "evaluate": "rtllm.evaluation"}
 
 __all__ = ["RayTracer", "HMC", "SGLD", "sample_trajectories", "TrajectoryResult", *_LAZY]
 

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("evaluate", help="token-level predictive uncertainty of an ensemble")
-    from rtllm.evaluate import add_evaluate_args, cmd_evaluate
+    from rtllm.evaluation import add_evaluate_args, cmd_evaluate
 
     add_evaluate_args(p)
     p.set_defaults(func=cmd_evaluate)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rtllm.config import SampleConfig
 from rtllm.corpus import heldout_files, python_source_files, train_files
-from rtllm.evaluate import evaluate, write_evaluation
+from rtllm.evaluation import evaluate, write_evaluation
 from rtllm.pretrain import ensure_pretrained
 from rtllm.sampling import sample
 

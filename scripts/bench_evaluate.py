@@ -3,7 +3,7 @@
     python scripts/bench_evaluate.py                          # a synthetic 8-sample tiny ensemble
     python scripts/bench_evaluate.py --ensemble rtllm-demo/ensemble --text rtllm/corpus/tempest.txt
 
-1. Throughput: `rtllm.evaluate.evaluate` on all samples vs plain `model(ids).logits` passes of
+1. Throughput: `rtllm.evaluate` on all samples vs plain `model(ids).logits` passes of
    the same samples over the same windows. Sample loading (safetensors read + load_state_dict)
    is timed on its own and taken out of both, so the ratio compares compute. Target >= 0.9x.
 2. Peak memory (process peak RSS, each in its own subprocess) for 2, 4, 8 samples. Target: flat.
@@ -50,7 +50,7 @@ def throughput(ensemble: Path, text: Path, seq_len: int) -> dict:
     from safetensors.torch import load_file
 
     from rtllm.ensemble import Ensemble
-    from rtllm.evaluate import evaluate, load_ensemble_tokenizer, make_windows
+    from rtllm.evaluation import evaluate, load_ensemble_tokenizer, make_windows
 
     ens = Ensemble(ensemble)
     t0 = time.perf_counter()
@@ -75,7 +75,7 @@ def throughput(ensemble: Path, text: Path, seq_len: int) -> dict:
 
 
 def peak_rss(ensemble: Path, text: Path, seq_len: int, n: int) -> int:
-    code = ("import resource, sys; from rtllm.evaluate import evaluate; "
+    code = ("import resource, sys; from rtllm.evaluation import evaluate; "
             f"evaluate({str(ensemble)!r}, [{str(text)!r}], seq_len={seq_len}, max_samples={n}); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

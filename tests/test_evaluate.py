@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from tiny_gpt2 import corpus_text, make_tiny_gpt2
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rtllm import evaluate as ev
+from rtllm import evaluation as ev
 from rtllm.ensemble import Ensemble
-from rtllm.evaluate import TOKEN_TABLE_KEYS, evaluate, write_token_table
+from rtllm.evaluation import TOKEN_TABLE_KEYS, evaluate, write_token_table
 from rtllm.metrics import auroc, window_means
 from rtllm.storage import SampleWriter, copy_tokenizer
 
