@@ -102,5 +102,5 @@ class SampleConfig:
 
     def chain_defining(self) -> dict:
         """The fields that define the chain: a resumed run must agree on all of them."""
-        skip = {"steps", "checkpoint_every", "log_every", "device", "extra"}
+        skip = {"out", "steps", "checkpoint_every", "log_every", "device", "extra"}
         return {k: v for k, v in self.to_json().items() if k not in skip}

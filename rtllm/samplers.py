@@ -258,6 +258,13 @@ class FlatSampler(torch.optim.Optimizer):
             raise ValueError(f"state has shard sizes {theirs} and rays {state['ray_dims']}, this "
                              f"sampler has {layout} and {self.ray_dims.tolist()}: build it with the "
                              f"same parameters, groups and ray option")
+        if len(state["hyper"]) != len(self.param_groups):
+            raise ValueError(f"state has {len(state['hyper'])} parameter groups, this sampler "
+                             f"{len(self.param_groups)}")
+        if (state.get("prior") is None) != (self.prior is None):
+            raise ValueError("state and sampler disagree on having a prior; build the sampler "
+                             "with the same prior_scale / prior_center")
+        # Everything checked: from here on the state is written.
         for fg, xs, vs in zip(self._flat, state["position"], state["velocity"]):
             for shard, x, v in zip(fg.shards, xs, vs):
                 shard.x.copy_(x)
@@ -272,9 +279,6 @@ class FlatSampler(torch.optim.Optimizer):
         self._ln_lum = state["ln_luminosity"]
         self.skipped_steps = state["skipped_steps"]
         self.scale_likelihood = state["scale_likelihood"]
-        if (state.get("prior") is None) != (self.prior is None):
-            raise ValueError("state and sampler disagree on having a prior; build the sampler "
-                             "with the same prior_scale / prior_center")
         if self.prior is not None:
             self.prior.load_state_dict(state["prior"])
 
@@ -289,7 +293,8 @@ class RayTracer(FlatSampler):
     time; 0 disables it); mom_norm (std of the velocity components); seed; ray ('group': each
     parameter group is its own ray, 'model': one ray); backend ('auto', 'torch', 'triton',
     'reference'); prior_scale / prior_center: an optional N(center, prior_scale^2 I) prior, not
-    scaled by S (rtllm.prior). A parameter whose .grad is None at step() has zero gradient.
+    scaled by S (rtllm.prior), whose gradient step() adds to the gradient buffer (so zero the
+    gradients between steps, as with any optimizer). A parameter whose .grad is None at step() has zero gradient.
     """
 
     min_ray_dim = 2

@@ -78,19 +78,23 @@ class SamplingRun:
         if not math.isfinite(start_loss):
             raise ValueError(f"the loss is {start_loss} at the starting weights: check the model and "
                              f"the text (nothing was written)")
+        self.n_samples = len(range(cfg.burn_in + cfg.thin - 1, cfg.steps, cfg.thin))
+        # Undo needs a copy of x and v; decided once and kept in checkpoints, so a resumed run
+        # takes the same path whatever memory is free then.
+        undo = cfg.reject_threshold is not None and self._backup_fits()
+        self.state = dict(step=0, cursor=0, dt=None, dt_trials=[], prev_loss=None, flagged=[], undo=undo)
+        self._check_disk()  # before --overwrite removes anything
         prepare_out_dir(cfg, resume, overwrite)
         self.ckpt_path = checkpoint_path(cfg.out_dir, cfg.chain)
-        self.n_samples = len(range(cfg.burn_in + cfg.thin - 1, cfg.steps, cfg.thin))
-        self.state = dict(step=0, cursor=0, dt=None, dt_trials=[], prev_loss=None, flagged=[])
-        self._check_disk()
-        self._backup = self._make_backup()
+        self._backup = self._make_backup() if undo else None
+        # The probe follows the *starting* model's top tokens: built before a checkpoint loads.
+        self.probe = self._make_probe()
         self.resumed = False
         if resume:
             self._load_checkpoint()
         (cfg.out_dir / RUN_MARKER).write_text(json.dumps(self.manifest_config(), indent=2))
         copy_tokenizer(cfg.model, cfg.out_dir)
         self.log = RunLog(cfg.out_dir / f"log-chain-{cfg.chain:03d}.jsonl")
-        self.probe = self._make_probe()
 
     # -- set-up helpers ---------------------------------------------------------------------
     def manifest_config(self) -> dict:
@@ -99,8 +103,7 @@ class SamplingRun:
         Paths of the output and timing-like settings stay out, so a resumed run (or the same
         run in another directory) writes byte-identical sample files.
         """
-        cfg = {k: v for k, v in self.cfg.chain_defining().items() if k != "out"}
-        return {**cfg, "num_params": self.num_params, "scale_likelihood": self.scale,
+        return {**self.cfg.chain_defining(), "num_params": self.num_params, "scale_likelihood": self.scale,
                 "loss_tolerance_effective": self.tolerance, "dt": self.state["dt"]}
 
     def _named_tensors(self) -> dict[str, torch.Tensor]:
@@ -116,8 +119,9 @@ class SamplingRun:
     def _check_disk(self) -> None:
         bytes_per_sample = sum(t.numel() * (4 if self.cfg.sample_dtype == "fp32" else t.element_size())
                                for t in self.model.state_dict().values())
-        ckpt = self.num_params * 8 * (2 if self._backup_fits() else 1)
-        need = estimate_run_disk(bytes_per_sample, self.n_samples, ckpt)
+        per_param = 8 * (2 if self.state["undo"] else 1) + (2 if self.cfg.prior_center == "start" else 0)
+        # x2: a new checkpoint is written next to the old one before it replaces it.
+        need = estimate_run_disk(bytes_per_sample, self.n_samples, 2 * self.num_params * per_param)
         check_free_disk(self.cfg.out_dir, need, what=f"{self.n_samples} samples and a checkpoint")
 
     def _backup_fits(self) -> bool:
@@ -132,8 +136,6 @@ class SamplingRun:
         return avail > 4 * need
 
     def _make_backup(self):
-        if self.cfg.reject_threshold is None or not self._backup_fits():
-            return None
         return [(s.x.clone(), s.v.clone()) for s in self.sampler.shards]
 
     def _make_probe(self) -> dict:
@@ -237,11 +239,10 @@ class SamplingRun:
             raise ValueError(f"--resume: the checkpoint was made with different settings ({', '.join(diff)}); "
                              f"resume with the same ones, or start a new run with --overwrite")
         self.sampler.load_state_dict(ckpt["sampler"])
-        if self._backup is not None and ckpt["backup"] is not None:
-            for (bx, bv), (cx, cv) in zip(self._backup, ckpt["backup"]):
-                bx.copy_(cx)
-                bv.copy_(cv)
         self.state = ckpt["state"]
+        self._backup = None
+        if self.state["undo"]:  # the original run undid rejected steps: so does its resume
+            self._backup = [(cx.to(self.device), cv.to(self.device)) for cx, cv in ckpt["backup"]]
         self.resumed = True
         self.say(f"resumed from step {self.state['step']} ({self.ckpt_path})")
 
@@ -288,13 +289,14 @@ class SamplingRun:
                       "phase": "burn-in" if t < cfg.burn_in else "sampling"}
             jump = st["prev_loss"] is not None and (not math.isfinite(loss) or
                                                     loss - st["prev_loss"] > (cfg.reject_threshold or math.inf))
+            undo = jump and self._backup is not None
             if jump:
-                record["rejected"] = "undone" if self._backup is not None else "flagged for masking"
-                if self._backup is not None:
-                    self._undo_last_step()
-                else:
-                    st["flagged"].append(t)
+                record["rejected"] = "undone" if undo else "flagged for masking"
+            if undo:
+                self._undo_last_step()
             else:
+                if jump:  # no room to undo: keep the step, mask the samples that follow it
+                    st["flagged"].append(t)
                 if self._backup is not None:
                     for shard, (bx, bv) in zip(self.sampler.shards, self._backup):
                         bx.copy_(shard.x)

@@ -208,3 +208,22 @@ def test_a_failed_write_stops_the_run_and_lists_only_complete_samples(model_dir,
         assert (tmp_path / "out" / entry["path"] / "model.safetensors").exists()
     assert not list((tmp_path / "out" / "samples").glob(".tmp*")) if (tmp_path / "out" / "samples").exists() else True
     Ensemble(tmp_path / "out") if listed else None
+
+
+@pytest.mark.parametrize("room_to_undo", [True, False])
+def test_loss_jumps_are_undone_or_flagged(model_dir, train_file, tmp_path, monkeypatch, room_to_undo):
+    """A tiny --reject-threshold rejects most steps: undone (and the chain still moves between
+    them) when a copy fits, otherwise kept and the samples after them masked."""
+    monkeypatch.setattr(SamplingRun, "_backup_fits", lambda self: room_to_undo)
+    run = SamplingRun(config(model_dir, train_file, tmp_path / "out", reject_threshold=1e-4, dt=5e-3))
+    start = [s.x.clone() for s in run.sampler.shards]
+    run.run()
+    steps = [r for r in read_log(tmp_path / "out" / "log-chain-000.jsonl") if r["type"] == "step"]
+    rejected = [r for r in steps if "rejected" in r]
+    assert rejected, "the threshold should have fired"
+    assert all(r["rejected"] == ("undone" if room_to_undo else "flagged for masking") for r in rejected)
+    assert len(rejected) < len(steps)  # some steps were accepted
+    if not room_to_undo:  # kept steps: the chain moves on instead of freezing at the jump
+        assert any(not torch.equal(a, s.x) for a, s in zip(start, run.sampler.shards))
+    masked = [e["masked"] for e in Ensemble(tmp_path / "out").entries]
+    assert any(masked) == (not room_to_undo)
