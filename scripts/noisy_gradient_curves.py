@@ -22,12 +22,17 @@ import platform
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import rtllm
 from rtllm.diagnostics import integrated_autocorr_time as sokal_tau
+
+# HMC's exact stationary value has one definition: the test's (tests/ is not a package).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from test_noisy_gradients import hmc_theory  # noqa: E402
 
 SAMPLERS = {"ray": (rtllm.RayTracer, 0), "hmc": (rtllm.HMC, 1)}  # class, seed
 
@@ -63,16 +68,6 @@ def mean_se_tau(y: np.ndarray, batches: int = 20) -> tuple[float, float, float]:
     means = y[: len(y) // batches * batches].reshape(batches, -1).mean(axis=1)
     se_batch = float(np.std(means, ddof=1) / math.sqrt(batches))
     return float(np.mean(y)), max(se_tau, se_batch), tau
-
-
-def hmc_theory(sigma: float, dt: float, rate: float) -> float:
-    """Exact stationary E x_i^2 of the HMC chain (S = 1): Sigma = A Sigma A^T + B B^T."""
-    h, f = dt / 2, math.exp(-rate * dt)
-    s = math.sqrt(-math.expm1(-2 * rate * dt))
-    a = np.array([[1 - dt * (f + 1) * h, dt * f], [-(f + 1) * h, f]])
-    b = np.array([[dt * (f + 1) * h * sigma, dt * s], [(f + 1) * h * sigma, s]])
-    cov = np.linalg.solve(np.eye(4) - np.kron(a, a), (b @ b.T).reshape(-1)).reshape(2, 2)
-    return float(cov[0, 0])
 
 
 def main() -> None:
