@@ -19,14 +19,20 @@ def checkpoint_path(out_dir: Path, chain: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"chain-{chain:03d}.pt"
 
 
-def _to_cpu(obj):
+def map_tensors(obj, fn):
+    """`obj` with fn applied to every tensor inside its dicts, lists and tuples."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
+        return type(obj)(map_tensors(v, fn) for v in obj)
     return obj
+
+
+def cloned(state):
+    """A deep copy of a state's tensors (a sampler's state_dict holds live references)."""
+    return map_tensors(state, torch.Tensor.clone)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -35,7 +41,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save({"version": CHECKPOINT_VERSION, **_to_cpu(state)}, f)
+            torch.save({"version": CHECKPOINT_VERSION, **map_tensors(state, lambda t: t.detach().to('cpu', copy=True))}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -8,9 +8,10 @@ buffer before the reduce pass (not yet fused into the kernels).
 """
 from __future__ import annotations
 
-import torch
 
 from rtllm.flat import Shard
+
+_CHUNK = 2**22  # elements per pass: bounded temporaries
 
 
 class GaussianPrior:
@@ -25,25 +26,18 @@ class GaussianPrior:
         self._centers = [None if center == "zero" else
                          (s.compute if s.compute is not None else s.x).clone() for s in shards]
 
-    def add_gradient_(self, shards: list[Shard], scale_likelihood: float) -> None:
-        """g += (x - center) / (sigma^2 * S), in chunks to avoid full-size temporaries."""
-        coef = 1.0 / (self.scale**2 * scale_likelihood)
+    def _diffs(self, shards: list[Shard]):
+        """(shard, slice, x - center) in chunks, so no full-size temporary is created."""
         for shard, center in zip(shards, self._centers):
-            for start in range(0, shard.numel, 2**22):
-                sl = slice(start, start + 2**22)
-                diff = shard.x[sl] if center is None else shard.x[sl] - center[sl].float()
-                shard.g[sl].add_(diff.to(shard.g.dtype) if shard.g.dtype != torch.float32 else diff,
-                                 alpha=coef)
+            for start in range(0, shard.numel, _CHUNK):
+                sl = slice(start, start + _CHUNK)
+                yield shard, sl, (shard.x[sl] if center is None else shard.x[sl] - center[sl].float())
 
-    def neg_log_density(self, shards: list[Shard]) -> float:
-        """-ln prior(x) up to its constant: |x - center|^2 / (2 sigma^2)."""
-        total = 0.0
-        for shard, center in zip(shards, self._centers):
-            for start in range(0, shard.numel, 2**22):
-                sl = slice(start, start + 2**22)
-                diff = shard.x[sl] if center is None else shard.x[sl] - center[sl].float()
-                total += float(torch.dot(diff, diff))
-        return total / (2 * self.scale**2)
+    def add_gradient_(self, shards: list[Shard], scale_likelihood: float) -> None:
+        """g += (x - center) / (sigma^2 * S)."""
+        coef = 1.0 / (self.scale**2 * scale_likelihood)
+        for shard, sl, diff in self._diffs(shards):
+            shard.g[sl].add_(diff.to(shard.g.dtype), alpha=coef)
 
     def state_dict(self) -> dict:
         return {"scale": self.scale, "center": self.center, "centers": self._centers}

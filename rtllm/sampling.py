@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from rtllm import tune
-from rtllm.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from rtllm.checkpoint import checkpoint_path, cloned, load_checkpoint, save_checkpoint
 from rtllm.config import SampleConfig
 from rtllm.data import MinibatchOrder, TokenData, context_length, read_texts
 from rtllm.loss import lm_loss
@@ -179,11 +179,13 @@ class SamplingRun:
         return total, seqs[:, 1:].numel()
 
     # -- dt auto ------------------------------------------------------------------------
-    def _trial(self, dt: float) -> tune.Trial:
-        """A few steps from the current state on fixed batches, then everything restored."""
-        saved = _cloned(self.sampler.state_dict())
+    def _trial(self, dt: float, start: float) -> tune.Trial:
+        """A few steps from the current state on fixed batches, then everything restored.
+
+        start: the mean loss of the current state on those batches (the same for every trial).
+        """
+        saved = cloned(self.sampler.state_dict())
         cursors = range(self.cfg.dt_trial_steps)
-        start = self._mean_loss(cursors)
         self._set_dt(dt)
         for c in cursors:
             loss, _ = self._loss_and_grad(c)
@@ -214,7 +216,8 @@ class SamplingRun:
             return float(self.cfg.dt)
         self.say(f"choosing dt (--dt auto): trials of {self.cfg.dt_trial_steps} steps from "
                  f"dt0 = 0.03/sqrt(D), tolerance {self.tolerance:.3g} nats")
-        dt, trials = tune.search_dt(self._trial, tune.initial_dt(self.num_params))
+        start = self._mean_loss(range(self.cfg.dt_trial_steps))
+        dt, trials = tune.search_dt(lambda dt: self._trial(dt, start), tune.initial_dt(self.num_params))
         self.state["dt_trials"] = [t.__dict__ for t in trials]
         self.say(f"dt = {dt:.4g} ({len(trials)} trials)")
         return dt
@@ -335,17 +338,6 @@ class SamplingRun:
         picked = probs.gather(-1, self.probe["top_ids"])
         self.log.write({"type": "probe", "step": step,
                         "probs": [[round(float(p), 7) for p in row] for row in picked.reshape(-1, PROBE_TOP)]})
-
-
-def _cloned(obj):
-    """A deep copy of a state dict's tensors (the sampler's state_dict holds live references)."""
-    if torch.is_tensor(obj):
-        return obj.clone()
-    if isinstance(obj, dict):
-        return {k: _cloned(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_cloned(v) for v in obj]
-    return obj
 
 
 def sample(cfg: SampleConfig, *, resume: bool = False, overwrite: bool = False,

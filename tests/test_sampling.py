@@ -17,7 +17,8 @@ from rtllm.cli import main as cli_main
 from rtllm.config import SampleConfig
 from rtllm.ensemble import Ensemble, load_sample
 from rtllm.runlog import read_log
-from rtllm.sampling import SamplingRun, _cloned, sample
+from rtllm.checkpoint import cloned
+from rtllm.sampling import SamplingRun, sample
 from tiny_gpt2 import corpus_text, save_trained_tiny_model
 
 
@@ -124,12 +125,12 @@ def test_dt_auto_lands_within_4x_of_a_hand_tuned_dt(model_dir, train_file, tmp_p
     # whose 40-step chain keeps its mean loss (second half) within 2x the tolerance of the
     # start's mean loss on the same minibatches.
     steps = 40
-    start_state = _cloned(run.sampler.state_dict())
+    start_state = cloned(run.sampler.state_dict())
     start = run._mean_loss(range(steps))
     hand = None
     for k in range(16):
         dt = 1e-5 * 2**k
-        run.sampler.load_state_dict(_cloned(start_state))
+        run.sampler.load_state_dict(cloned(start_state))
         run._set_dt(dt)
         losses = []
         for c in range(steps):
