@@ -33,7 +33,7 @@ from rtllm import metrics
 from rtllm.data import context_length, pack, read_texts, tokenize_texts
 from rtllm.ensemble import Ensemble
 from rtllm.metrics import TOKEN_TABLE_KEYS, TokenTable, write_token_table  # noqa: F401 (API)
-from rtllm.model_io import _TOKENIZER_FILES, resolve_device
+from rtllm.model_io import load_tokenizer, resolve_device
 
 DEFAULT_MAX_MEMORY = 1 << 30
 DEFAULT_MAX_SEQ_LEN = 1024  # cap of the default window: attention cost grows with T^2
@@ -229,16 +229,7 @@ def _weights(entries: list[dict], sample_weights) -> list[float]:
 
 
 def load_ensemble_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
-        raise ValueError(f"{path} has no tokenizer files; copy the starting checkpoint's with "
-                         f"rtllm.storage.copy_tokenizer(model_dir, {str(path)!r})")
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (ValueError, OSError, KeyError, TypeError) as err:
-        raise ValueError(f"cannot load the tokenizer in {path} ({err}); copy a working one there "
-                         f"with rtllm.storage.copy_tokenizer") from err
+    return load_tokenizer(path, f"rtllm.storage.copy_tokenizer(model_dir, {str(path)!r})")
 
 
 def check_same_tokenizer(ours, theirs, our_dir: Path, their_dir: Path) -> None:

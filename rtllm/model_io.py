@@ -31,7 +31,7 @@ def load_model_and_tokenizer(model_dir: str | Path, *, dtype: torch.dtype | None
 
     `dtype=None` keeps the dtype stored in the checkpoint (float32 when it names none).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     path = Path(model_dir).expanduser()
@@ -52,17 +52,7 @@ def load_model_and_tokenizer(model_dir: str | Path, *, dtype: torch.dtype | None
         raise ValueError(f"{path} holds a {type(config).__name__} (model_type "
                          f"{config.model_type!r}), which is not a causal LM; pass a causal-LM "
                          f"directory (e.g. GPT-2, Llama)")
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
-        raise ValueError(f"{path} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}); "
-                         f"save the tokenizer into it with tokenizer.save_pretrained({str(path)!r})")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (ValueError, OSError, KeyError, TypeError) as err:
-        raise ValueError(f"cannot load the tokenizer in {path} ({_first_line(err)}); save a "
-                         f"working one there with tokenizer.save_pretrained") from err
-    if not tokenizer("a b c", add_special_tokens=False)["input_ids"]:
-        raise ValueError(f"the tokenizer in {path} has an empty vocabulary; save a working one "
-                         f"there with tokenizer.save_pretrained")
+    tokenizer = load_tokenizer(path, f"tokenizer.save_pretrained({str(path)!r})")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, **{_dtype_kwarg(): dtype if dtype is not None else "auto"})
@@ -70,6 +60,27 @@ def load_model_and_tokenizer(model_dir: str | Path, *, dtype: torch.dtype | None
         raise ValueError(f"cannot load the weights in {path} ({_first_line(err)}); the directory "
                          f"needs model.safetensors (or pytorch_model.bin) from save_pretrained") from err
     return model.to(device), tokenizer
+
+
+def load_tokenizer(path: Path, remedy: str):
+    """The tokenizer saved in `path`, or a one-line ValueError ending with how to put one there.
+
+    Checked by hand: with no tokenizer files transformers quietly builds an empty tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(f"{path} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}); "
+                         f"save one into it with {remedy}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot load the tokenizer in {path} ({_first_line(err)}); save a "
+                         f"working one there with {remedy}") from err
+    if not tokenizer("a b c", add_special_tokens=False)["input_ids"]:
+        raise ValueError(f"the tokenizer in {path} has an empty vocabulary; save a working one "
+                         f"there with {remedy}")
+    return tokenizer
 
 
 def _first_line(err: BaseException) -> str:

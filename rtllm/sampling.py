@@ -65,7 +65,7 @@ class SamplingRun:
                                          heldout=read_texts(cfg.heldout) if cfg.heldout else None,
                                          seq_len=cfg.seq_len, context=context_length(self.model))
         self.order = MinibatchOrder(len(self.data.train), cfg.batch_size, cfg.seed)
-        sampled, self.frozen = select_parameters(self.model, cfg.params)
+        sampled, _ = select_parameters(self.model, cfg.params)  # the rest no longer require grad
         self.num_params = sum(p.numel() for _, p in sampled)
         self.scale = cfg.scale_likelihood or self.num_params / (2 * cfg.tolerance)
         self.tolerance = self.num_params / (2 * self.scale)
