@@ -132,7 +132,8 @@ def test_ray_kick_exactly_parallel(lam, k, dim):
 def test_ray_kick_exactly_parallel_strong_kick(lam, k):
     """theta = 0 and theta = pi are fixed points (algorithms.md: v unchanged, d = (D-1) k c).
 
-    Fails today for lam > 0 (v along +g, theta = pi) and k >= 15:
+    Regression (this failed for lam > 0, v along +g, theta = pi, and k >= 15, before the kick
+    switched to the logaddexp form and treated sin(theta) < 1e-7 as parallel):
     - c rounds to -1 or -1 + ulp; then 1 + 0.5 (1 - c) expm1(-2k) = e^(-2k) + O(eps) loses all
       digits once e^(-2k) < eps (k >~ 18): d_ln_lum is off by 1e-5 relative at k = 15 and
       is -inf from k ~ 19, which makes the Metropolis log-ratio +inf (always accept);
