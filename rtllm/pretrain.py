@@ -160,16 +160,16 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _sibling(out_dir: Path, tag: str) -> Path:
+def sibling_path(out_dir: Path, tag: str) -> Path:
     """A fresh hidden name next to `out_dir`: same filesystem, so renames are atomic."""
     return out_dir.parent / f".{out_dir.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
+def publish_dir(tmp: Path, out_dir: Path) -> None:
     """Move the finished directory into place; an old one is moved aside first, then removed."""
     old = None
     if out_dir.is_dir() and any(out_dir.iterdir()):
-        old = _sibling(out_dir, "old")
+        old = sibling_path(out_dir, "old")
         os.rename(out_dir, old)
     elif out_dir.is_dir():
         out_dir.rmdir()
@@ -222,14 +222,14 @@ def _save(
 ) -> None:
     """Write everything into a hidden sibling, then rename it to `out_dir`."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out_dir, "tmp")
+    tmp = sibling_path(out_dir, "tmp")
     tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would survive the rename
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         _check_out_dir(out_dir, overwrite)  # again: something may have appeared while we trained
-        _publish(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
