@@ -229,12 +229,24 @@ def probe_rhat(source: Source, burn_in_step: int | None = 0) -> np.ndarray:
 
 # -- whole ensemble ---------------------------------------------------------------------------
 def find_logs(ensemble_dir: Path | str) -> list[Path]:
-    """The chains' logs of an output directory, sorted by chain number."""
+    """The chains' logs of an output directory, sorted by chain number. In a merged multi-chain
+    directory (rtllm.chains), the logs of the chains whose samples it lists."""
     d = Path(ensemble_dir)
-    logs = sorted(d.glob(LOG_GLOB)) or sorted(d.rglob(LOG_GLOB))
+    logs = sorted(d.glob(LOG_GLOB)) or _merged_chain_logs(d) or sorted(d.rglob(LOG_GLOB))
     if not logs:
         raise FileNotFoundError(f"no {LOG_GLOB} in {d}")
     return logs
+
+
+def _merged_chain_logs(d: Path) -> list[Path]:
+    from rtllm.manifest import Manifest
+
+    try:
+        chains = Manifest.load(d).config.get("chains") or []
+    except ValueError:
+        return []
+    logs = [d / c["dir"] / f"log-chain-{c['chain']:03d}.jsonl" for c in chains if c.get("n_samples")]
+    return [p for p in logs if p.is_file()]
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -45,6 +45,11 @@ class Ensemble:
         return [dict(e) for e in self._entries]
 
     @property
+    def chains(self) -> list[int]:
+        """The chain ids of the samples, sorted (several in a merged multi-chain directory)."""
+        return sorted({e["chain"] for e in self._entries})
+
+    @property
     def indices(self) -> list[int]:
         return [e["index"] for e in self._entries]
 
