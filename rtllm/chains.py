@@ -36,7 +36,7 @@ CHAIN_STATUS = "chain.json"
 # (samples/NNNNNN).
 INDEX_STRIDE = 1_000_000
 # May differ between merged chains; every other manifest config field must agree.
-PER_CHAIN_KEYS = ("chain", "seed", "dt")
+PER_CHAIN_KEYS = ("chain", "seed", "dt", "L", "init")
 HANDSHAKE_TIMEOUT_S = 600  # ranks start within seconds of each other; the model loads after
 _LOCK = ".merge.lock"
 
@@ -158,9 +158,7 @@ def run_sample(cfg: SampleConfig, *, first_chain: int | None = None, resume: boo
     """`rtllm sample`: one chain in cfg.out (the single-chain layout), or, under torchrun or with
     `first_chain`, chain first_chain + rank in cfg.out/chains/chain-NNN; then a merge attempt.
     Returns the directory the chain was written to."""
-    import torch
-
-    from rtllm.sampling import SamplingRun, sample
+    from rtllm.sampling import sample
 
     launch = Launch.from_env()
     out = cfg.out_dir
@@ -190,22 +188,37 @@ def run_sample(cfg: SampleConfig, *, first_chain: int | None = None, resume: boo
     ccfg = dataclasses.replace(cfg, chain=chain, out=str(chain_dir(out, chain)),
                                device=rank_device(cfg.device, launch))
     say = (lambda m: log(f"[chain {chain}] {m}")) if launch is not None else log
-    run = SamplingRun(ccfg, resume=resume, overwrite=overwrite, log=say)
-    # CPU runs are byte-reproducible at the same torch thread count (LayerNorm's backward sums
-    # its weight gradient per thread): recorded, so that a re-run can match it.
-    status = {"chain": chain, "seed": cfg.seed, "chain_seed": chain_seed(cfg.seed, chain),
-              "steps": cfg.steps, "expected_samples": run.n_samples, "host": socket.gethostname(),
-              "pid": os.getpid(), "torch_threads": torch.get_num_threads(),
-              "launch": None if launch is None else {"first_chain": first, "world_size": launch.world_size}}
-    atomic_write_json(ccfg.out_dir / CHAIN_STATUS, {**status, "status": "running"})
-    run.run()
-    atomic_write_json(ccfg.out_dir / CHAIN_STATUS, {**status, "status": "finished"})
+    expected = None if launch is None else list(range(first, first + launch.world_size))
+    run_chain(ccfg, expected_chains=expected, resume=resume, overwrite=overwrite, log=say)
     try:  # never waits on another chain: it merges what is on disk now
         report = merge(out, verify=False)  # each sample was verified by re-reading when written
         say(report.summary())
     except ValueError as e:
         say(f"merge skipped ({e}); run `rtllm merge {out}` when the chains are done")
     return ccfg.out_dir
+
+
+def run_chain(ccfg: SampleConfig, *, expected_chains: list[int] | None, resume: bool, overwrite: bool,
+              log: Callable[[str], None]) -> None:
+    """Run chain ccfg.chain in its own directory ccfg.out, with its chain.json status file.
+
+    expected_chains: every chain id of the launch this chain belongs to (so a merge can name
+    the ones that never started), or None for a chain started on its own."""
+    import torch
+
+    from rtllm.sampling import SamplingRun
+
+    chain, cfg, say = ccfg.chain, ccfg, log
+    run = SamplingRun(ccfg, resume=resume, overwrite=overwrite, log=say)
+    # CPU runs are byte-reproducible at the same torch thread count (LayerNorm's backward sums
+    # its weight gradient per thread): recorded, so that a re-run can match it.
+    status = {"chain": chain, "seed": cfg.seed, "chain_seed": chain_seed(cfg.seed, chain),
+              "steps": cfg.steps, "expected_samples": run.n_samples, "host": socket.gethostname(),
+              "pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+              "launch": None if expected_chains is None else {"chains": list(expected_chains)}}
+    atomic_write_json(ccfg.out_dir / CHAIN_STATUS, {**status, "status": "running"})
+    run.run()
+    atomic_write_json(ccfg.out_dir / CHAIN_STATUS, {**status, "status": "finished"})
 
 
 # -- merge ------------------------------------------------------------------------------------------
@@ -337,7 +350,7 @@ def merge(out_dir: Path | str, *, require_all: bool = False, verify: bool = True
             manifests[chain] = Manifest.load(cdir) if (cdir / MANIFEST).is_file() else None
             launch = (statuses[chain] or {}).get("launch")
             if launch:
-                expected_ids |= set(range(launch["first_chain"], launch["first_chain"] + launch["world_size"]))
+                expected_ids |= set(launch["chains"])
         states = [_chain_state(c, manifests[c], statuses[c]) for c in sorted(dirs)]
         states += [ChainState(c, chain_name(c), "missing", 0, None)
                    for c in sorted(expected_ids - set(dirs))]

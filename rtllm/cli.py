@@ -14,7 +14,7 @@ def _dt(text: str) -> float | str:
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--dt must be 'auto' or a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a number, got {text!r}") from None
 
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
@@ -51,7 +51,18 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--checkpoint-every", type=int, help="steps between checkpoints (default: about every 10 minutes)")
     a("--sample-dtype", choices=["compute", "fp32"], default="compute", help="store samples in the compute "
       "dtype (bf16 on GPU) or as fp32 master weights (%(default)s)")
-    a("--seed", type=int, default=0, help="seed of the chain (%(default)s)")
+    a("--seed", type=int, default=0, help="seed of the chain (%(default)s); chain k > 0 derives its own "
+      "from (seed, k)")
+    a("--chain", type=int, help="chain id K: write OUT/chains/chain-K (several chains, one ensemble; see "
+      "`rtllm merge`); under torchrun rank r runs chain K + r (default 0)")
+    a("--sampler", choices=["ray", "mclmc"], default=d["sampler"].default, help="ray tracing, or "
+      "microcanonical Langevin as inside MILE (then --dt is its step size per full step of two "
+      "gradients) (%(default)s)")
+    a("--L", type=_dt, default="auto", help="MCLMC decoherence length, or 'auto': tuned in the burn-in "
+      "(%(default)s)")
+    a("--tune-phases", type=int, nargs=3, metavar=("I", "II", "III"), help="MCLMC tuning phases in full "
+      "steps (default: 80/10/10%% of the burn-in; MILE uses 40000 5000 5000)")
+    a("--init", help="start from the weights in this directory (same architecture as --model)")
     a("--device", default="auto", help="cpu, cuda, cuda:N or auto (%(default)s)")
     a("--deterministic", action="store_true", help="deterministic CUDA kernels (bit-identical resume on GPU)")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -68,13 +79,24 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
         params=args.params, ray_per=args.ray_per, reject_threshold=args.reject_threshold,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every,
         sample_dtype=args.sample_dtype, seed=args.seed, device=args.device,
-        deterministic=args.deterministic)
+        deterministic=args.deterministic, sampler=args.sampler, L=args.L,
+        tune_phases=tuple(args.tune_phases) if args.tune_phases else None, init=args.init)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from rtllm.sampling import sample
+    from rtllm.chains import run_sample
 
-    sample(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
+    run_sample(config_from_args(args), first_chain=args.chain, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from rtllm.chains import merge
+
+    report = merge(args.dir, require_all=args.require_all, verify=not args.no_verify)
+    for state in report.chains:
+        print(state.describe())
+    print(report.summary())
     return 0
 
 
@@ -101,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample the weights of a Hugging Face checkpoint")
     _add_sample_args(p)
     p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("mile", help="MILE: train K ensemble members, sample each with tuned MCLMC, merge")
+    _add_sample_args(p)
+    from rtllm.mile import add_mile_args, cmd_mile
+
+    add_mile_args(p)
+    p.set_defaults(func=cmd_mile)
+    p = sub.add_parser("merge", help="list the samples of every chain in DIR/chains in DIR/ensemble.json")
+    p.add_argument("dir", help="the --out of a multi-chain run (torchrun ... rtllm sample, or --chain K)")
+    p.add_argument("--require-all", action="store_true", help="refuse unless every chain has finished")
+    p.add_argument("--no-verify", action="store_true", help="skip re-hashing the sample files")
+    p.set_defaults(func=cmd_merge)
     p = sub.add_parser("pretrain", help="train the tiny built-in GPT-2 (no download)")
     p.add_argument("--out", required=True, help="directory for the model and tokenizer")
     p.add_argument("--text", nargs="+", help="training text files (default: the bundled corpus)")
@@ -113,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_args(p)
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("plan", help="memory plan of a sampling run: bytes per component, and whether it fits")
+    from rtllm.plan_cli import add_plan_args, cmd_plan
+
+    add_plan_args(p)
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("demo", help="pretrain (or reuse) the tiny model, sample it, export and evaluate")
     p.add_argument("--out", default="rtllm-demo", help="working directory (%(default)s)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the demo's own)")

@@ -42,6 +42,14 @@ class SampleConfig:
     deterministic: bool = False
     chain: int = 0
     dt_trial_steps: int = 10
+    # "ray" (the ray tracer) or "mclmc" (microcanonical Langevin, as inside MILE). For mclmc, dt
+    # is the step size per full step (two gradients) and `steps`, `burn_in`, `thin` still count
+    # gradients; `L` is the decoherence length ("auto": tuned during the burn-in, whose first
+    # 2 * sum(tune_phases) gradients run MILE's phases I-III; default phases 80/10/10% of it).
+    sampler: str = "ray"
+    L: float | str = "auto"
+    tune_phases: tuple[int, int, int] | None = None
+    init: str | None = None  # weights to start from (same architecture as `model`), e.g. a MILE member
     extra: dict = field(default_factory=dict)  # free-form notes carried into the manifest
 
     def __post_init__(self) -> None:
@@ -88,6 +96,38 @@ class SampleConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")
+
+        if self.sampler not in ("ray", "mclmc"):
+            raise ValueError(f"--sampler must be ray or mclmc, got {self.sampler!r}")
+        if self.sampler == "mclmc":
+            self._check_mclmc(positive_float)
+        elif self.tune_phases is not None or self.L != "auto":
+            raise ValueError("--L and --tune-phases are MCLMC settings; pass --sampler mclmc")
+
+    def _check_mclmc(self, positive_float) -> None:
+        # A full MCLMC step spans two gradients: samples and the end of tuning must fall on the
+        # boundary between full steps.
+        for name in ("burn_in", "thin"):
+            if getattr(self, name) % 2:
+                raise ValueError(f"--{name.replace('_', '-')} must be even with --sampler mclmc (a full "
+                                 f"step takes two gradients), got {getattr(self, name)}")
+        if self.L != "auto":
+            positive_float("L", self.L)
+        phases = self.mclmc_phases
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in phases) or phases[0] < 1:
+            raise ValueError(f"--tune-phases must be three integers >= 0 (the first >= 1), got {phases!r}")
+        if 2 * sum(phases) > self.burn_in:
+            raise ValueError(f"--tune-phases {phases} take {2 * sum(phases)} gradients, more than "
+                             f"--burn-in {self.burn_in}: raise --burn-in or shorten the phases")
+
+    @property
+    def mclmc_phases(self) -> tuple[int, int, int]:
+        """MCLMC tuning phases I, II, III in full steps (MILE: 40k / 5k / 5k)."""
+        if self.tune_phases is not None:
+            return tuple(self.tune_phases)
+        full = self.burn_in // 2
+        two, three = full // 10, full // 10
+        return (full - two - three, two, three)
 
     @property
     def tolerance(self) -> float:

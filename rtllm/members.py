@@ -73,14 +73,15 @@ def heldout_nll(model: torch.nn.Module, heldout: torch.Tensor, device: torch.dev
 
 
 def train_member(model_dir: str | Path, data: TokenData, out_dir: Path, *, member: int, seed: int,
-                 settings: MemberTraining, device: torch.device,
+                 settings: MemberTraining, device: torch.device, reuse: bool = True,
                  log: Callable[[str], None] = print) -> dict:
     """Train member `member` and save its best weights in `out_dir`; returns its info dict.
 
-    A complete `out_dir` (a finished member) is reused as it is.
+    With `reuse`, a complete `out_dir` (a finished member) is taken as it is; without, it is
+    retrained and replaced atomically.
     """
     out_dir = Path(out_dir)
-    if is_member_complete(out_dir):
+    if reuse and is_member_complete(out_dir):
         info = json.loads((out_dir / MEMBER_INFO).read_text())
         log(f"member {member}: reusing {out_dir} (held-out NLL {info['best_heldout_nll']:.4f})")
         return info

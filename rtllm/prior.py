@@ -8,6 +8,7 @@ buffer before the reduce pass (not yet fused into the kernels).
 """
 from __future__ import annotations
 
+import torch
 
 from rtllm.flat import Shard
 
@@ -38,6 +39,14 @@ class GaussianPrior:
         coef = 1.0 / (self.scale**2 * scale_likelihood)
         for shard, sl, diff in self._diffs(shards):
             shard.g[sl].add_(diff.to(shard.g.dtype), alpha=coef)
+
+    def neg_log_density(self, shards: list[Shard]) -> float:
+        """|x - center|^2 / (2 sigma^2) (up to a constant), accumulated in float64: the prior's
+        part of the potential energy MCLMC tracks."""
+        total = 0.0
+        for _, _, diff in self._diffs(shards):
+            total += float(torch.sum(diff * diff, dtype=torch.float64))
+        return total / (2 * self.scale**2)
 
     def state_dict(self) -> dict:
         return {"scale": self.scale, "center": self.center, "centers": self._centers}

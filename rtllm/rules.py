@@ -25,6 +25,8 @@ Array = NDArray[np.float64]
 
 KICK, REFRESH, DRIFT = "K", "O", "D"
 FULL_REFRESH = math.inf  # an O(h) whose rate makes f = 0: v is redrawn from scratch
+# MCLMC's partial refresh of a unit velocity: u <- normalize(u + nu*n), nu from h and the rate 1/L.
+UNIT_REFRESH = "U"
 
 # Index of each sum in the [..., 6] tensor the reduce pass returns.
 VV, GG, VG, NN, NV, NG = range(6)
@@ -108,7 +110,7 @@ def step_schedule(phase: str, dt: float, refresh_rate: float) -> list[tuple[str,
 
 
 def needs_noise(schedule: Schedule) -> bool:
-    return any(op == REFRESH for op, _ in schedule)
+    return any(op in (REFRESH, UNIT_REFRESH) for op, _ in schedule)
 
 
 def compose(
@@ -124,8 +126,10 @@ def compose(
     """Fold a schedule into the fused update's coefficients.
 
     sums: float64 [..., 6] (vv, gg, vg, nn, nv, ng) per ray; dim: rays' dimensions, same shape
-    as sums[..., 0]. The velocity is tracked as p*v + q*g + r*n; a refresh may appear at most
-    once (one noise vector per step) and a drift only last.
+    as sums[..., 0]. The velocity is tracked as p*v + q*g + r*n; a refresh (REFRESH or
+    UNIT_REFRESH, whose rate is refresh_rate) may appear at most once (one noise vector per
+    step) and a drift only last. Durations h may be arrays broadcasting against the rays
+    (per-chain step sizes); delta is then an array too.
     """
     s = np.asarray(sums, dtype=np.float64)
     vv, gg, vg, nn, nv, ng = np.moveaxis(s, -1, 0)
@@ -135,17 +139,28 @@ def compose(
     d_ln_lum = zero
     delta = 0.0
     refreshed = False
+
+    def gram(p, q, r):  # |p v + q g + r n|^2 from the sums
+        return p * p * vv + q * q * gg + r * r * nn + 2 * (p * q * vg + p * r * nv + q * r * ng)
+
     for i, (op, h) in enumerate(schedule):
         if op == KICK:
-            cur_vv = p * p * vv + q * q * gg + r * r * nn + 2 * (p * q * vg + p * r * nv + q * r * ng)
+            cur_vv = gram(p, q, r)
             cur_vg = p * vg + q * gg + r * ng
             a, b, dl = kick(np.maximum(cur_vv, 0.0), gg, cur_vg, h, scale, dim)
             p, q, r = a * p, a * q + b, a * r
             d_ln_lum = d_ln_lum + dl
-        elif op == REFRESH:
+        elif op in (REFRESH, UNIT_REFRESH):
             if refreshed:
                 raise ValueError("a schedule may refresh once per step (one noise vector)")
             refreshed = True
+            if op == UNIT_REFRESH:  # u <- normalize(u + nu n), the norm from the Gram sums
+                r = r + unit_refresh_nu(h, refresh_rate, dim)
+                norm2 = gram(p, q, r)
+                with np.errstate(all="ignore"):
+                    inv = np.where(norm2 > 0, 1.0 / np.sqrt(norm2), 1.0)
+                p, q, r = inv * p, inv * q, inv * r
+                continue
             if h == FULL_REFRESH:
                 f, sn = 0.0, mom_norm
             else:
@@ -177,3 +192,80 @@ def step_diagnostics(sums: Array, coef: Coefficients) -> dict[str, float]:
         "speed": float(np.sqrt(new_vv.sum())),
         "angle": float(angle.max()),
     }
+
+
+# ---------------------------------------------------------------------------- MCLMC
+# McLachlan's minimal-norm integrator: kicks of b1*eps, (1 - 2 b1)*eps, b1*eps around two
+# half drifts (Omelyan, Mryglod and Folk 2002; the coefficient MCLMC / MILE use).
+MCLMC_B1 = 0.1931833275037836
+# Cap on nu^2 * D = expm1(2 h / L) in a unit refresh: beyond e^138 ~ 1e60 the old velocity
+# weighs < 1e-30 of the new one (a full refresh), and the Gram sums stay far from overflow.
+_MAX_REFRESH_EXPONENT = 138.0
+
+
+def esh_kick(vv: Array, gg: Array, vg: Array, h: float, scale: float, dim: Array):
+    """Exact ESH velocity update of a unit velocity over time h (MCLMC), in the direct form.
+
+    With e = -g/|g| (the direction of grad ln p = -S g), ue = u.e, delta = h S |g| / (D-1) and
+    z = exp(-delta): u' = normalize(e (1-z)(1+z+ue(1-z)) + 2 z u) = a*u + b*g, and the kinetic
+    energy change is (D-1) (delta - ln 2 + ln(1 + ue + (1-ue) z^2)). u enters as u/|u|, so u'
+    is a unit vector whatever |u| was (fp32 rounding of the stored velocity never accumulates).
+    Returns (a, b, kinetic change). This is ray_kick at |v| = 1 (tan(theta'/2) =
+    tan(theta/2) e^-delta), written in the MCLMC papers' form.
+    """
+    with np.errstate(all="ignore"):  # both branches of each np.where are evaluated
+        mn, gn = np.sqrt(vv), np.sqrt(gg)
+        live = (gg > 0) & (vv > 0)  # zero gradient: no kick (u is still normalized)
+        ue = np.clip(np.where(live, -vg / (mn * gn), 0.0), -1.0, 1.0)
+        delta = h * scale * gn / (dim - 1)
+        z = np.exp(-delta)
+        one_minus_z = -np.expm1(-delta)  # accurate for delta ~ 1e-10 (large D)
+        # |e (1-z)(1+z+ue(1-z)) + 2 z u| = (1+ue) + (1-ue) z^2 exactly (expand the square):
+        # a sum of two non-negative terms, so the normalization never cancels.
+        norm = (1 + ue) + (1 - ue) * z * z
+        # Below ~1e-7, sin(u, e) is under the resolution of ue (known to a few eps from the
+        # sums): u is parallel to g as far as we can tell and there is nothing to rotate.
+        turns = live & (np.sqrt((1 - ue) * (1 + ue)) > 1e-7)
+        a = np.where(turns, 2 * z / (mn * norm), np.where(vv > 0, 1 / mn, 1.0))
+        b = np.where(turns, -one_minus_z * (1 + z + ue * one_minus_z) / (gn * norm), 0.0)
+        # delta - ln 2 + ln(norm) = delta + log1p((1-ue)/2 * expm1(-2 delta)): accurate for
+        # delta ~ 1e-10; for large delta the log1p argument nears -1, so switch to logaddexp.
+        x = 0.5 * (1 - ue) * np.expm1(-2 * delta)
+        per_dim = np.where(x > -0.5, delta + np.log1p(x),
+                           np.logaddexp(np.log(0.5 * (1 + ue)) + delta, np.log(0.5 * (1 - ue)) - delta))
+        kinetic = np.where(live, (dim - 1) * per_dim, 0.0)
+    return a, b, kinetic
+
+
+def unit_refresh_nu(h, rate, dim):
+    """nu of the unit refresh u <- normalize(u + nu*n) over time h at rate 1/L.
+
+    nu^2 D = exp(2 h / L) - 1, so |u|/|u + nu n| ~ exp(-h/L): the velocity decorrelates over
+    the length L (MCLMC's partial refresh); two refreshes of h1, h2 decorrelate as one of h1 + h2.
+    """
+    t = np.minimum(2 * np.abs(np.asarray(h, dtype=np.float64) * rate), _MAX_REFRESH_EXPONENT)
+    return np.sqrt(np.expm1(t) / np.asarray(dim, dtype=np.float64))
+
+
+def mclmc_schedule(phase: str, eps, eps_open) -> list[tuple[str, float]]:
+    """The MCLMC operations of one gradient evaluation (one optimizer step() call).
+
+    A full step of size eps (McLachlan, 2 gradients) spans two calls; the closing kick of a
+    step and the opening kick of the next share the gradient at the boundary, so they sit in
+    one call with the refresh between them:
+      start:   K(b1 eps_open) U((eps_open + eps)/2) K(b1 eps) D(eps/2)   (gradient at a step start)
+      mid:     K((1 - 2 b1) eps_open) D(eps_open/2)                       (gradient at mid-step)
+      closing: K(b1 eps_open) U(eps_open/2)                               (end a trajectory)
+    eps_open is the step size of the full step in progress (0: none, e.g. the very first call,
+    whose start is then U(eps/2) K(b1 eps) D(eps/2)). MILE's splitting is U(eps/2) [K D K D K]
+    U(eps/2) per step; here the two half refreshes that meet at a step boundary are merged
+    into one of length (eps_open + eps)/2, which decorrelates u by the same factor.
+    """
+    if phase == "start":
+        return [(KICK, MCLMC_B1 * eps_open), (UNIT_REFRESH, 0.5 * (eps_open + eps)),
+                (KICK, MCLMC_B1 * eps), (DRIFT, 0.5 * eps)]
+    if phase == "mid":
+        return [(KICK, (1 - 2 * MCLMC_B1) * eps_open), (DRIFT, 0.5 * eps_open)]
+    if phase == "closing":
+        return [(KICK, MCLMC_B1 * eps_open), (UNIT_REFRESH, 0.5 * eps_open)]
+    raise ValueError(f"unknown MCLMC phase {phase!r}")

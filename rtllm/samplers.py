@@ -17,7 +17,7 @@ from torch import Tensor
 
 from rtllm import rules
 from rtllm.backends import make_backend
-from rtllm.flat import MAX_SHARD_ELEMENTS, build_group, collect_grads, zero_grads
+from rtllm.flat import MAX_SHARD_ELEMENTS, build_group, collect_grads, finish_materialize, zero_grads
 from rtllm.kernels.philox import STREAM_INIT, STREAM_REFRESH
 from rtllm.prior import GaussianPrior
 
@@ -43,7 +43,9 @@ class FlatSampler(torch.optim.Optimizer):
                  loss_tolerance: float | None = None, refresh_rate: float = 1.0,
                  mom_norm: float = 1.0, seed: int = 0, ray: str = "group", backend: str = "auto",
                  prior_scale: float | None = None, prior_center: str = "zero",
-                 max_shard_elements: int = MAX_SHARD_ELEMENTS) -> None:
+                 max_shard_elements: int = MAX_SHARD_ELEMENTS,
+                 device: torch.device | str | None = None,
+                 init_weights: Callable[[], None] | None = None) -> None:
         _check_positive("dt", dt)
         _check_positive("refresh_rate", refresh_rate, allow_zero=True)
         _check_positive("mom_norm", mom_norm)
@@ -62,10 +64,21 @@ class FlatSampler(torch.optim.Optimizer):
         if len(devices) != 1:
             raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
         self.device = devices.pop()
+        meta = self.device.type == "meta"
+        if meta != (init_weights is not None):
+            raise ValueError("init_weights= is required for, and only for, parameters on the meta "
+                             "device: a callable that fills them in place once they are buffer "
+                             "views (e.g. rtllm.model_io.config_initializer(model))")
         sizes = [sum(p.numel() for p in g["params"]) for g in self.param_groups]
         bases = [sum(sizes[:i]) for i in range(len(sizes))]
-        self._flat = [build_group(g["params"], max_shard_elements, base_offset=b, total_numel=sum(sizes))
-                      for g, b in zip(self.param_groups, bases)]
+        self._flat = [build_group(g["params"], max_shard_elements, base_offset=b, total_numel=sum(sizes),
+                                  device=device) for g, b in zip(self.param_groups, bases)]
+        if meta:  # materialized straight into the buffers: no full-size copy of the model
+            with torch.no_grad():
+                init_weights()
+            for fg in self._flat:
+                finish_materialize(fg)
+            self.device = self._flat[0].shards[0].x.device
         self._built = True
 
         self.num_params = sum(sizes)
@@ -192,22 +205,10 @@ class FlatSampler(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         dt, refresh_rate, mom_norm = (self.hyper(k) for k in _HYPER)
-        for fg in self._flat:
-            collect_grads(fg)
-        if self.prior is not None:
-            self.prior.add_gradient_(self.shards, self.scale_likelihood)
+        self._collect_gradient()
         schedule = self.schedule(self._phase, dt, refresh_rate)
-        noise = rules.needs_noise(schedule)
-        key = dict(seed=self.seed, step=self._step, stream=STREAM_REFRESH, noise=noise)
-        shard_sums, shard_rays = [], []
-        for fg, ray in zip(self._flat, self._ray_of_group):
-            for shard in fg.shards:
-                shard_sums.append(self.backend.reduce(shard, **key))
-                shard_rays.append(ray)
-        # The one host sync of the step: the scalar rule needs the sums.
-        sums = torch.stack(shard_sums).to("cpu", torch.float64).numpy()
-        ray_sums = np.zeros((len(self.ray_dims), 6))
-        np.add.at(ray_sums, shard_rays, sums)
+        key = self._noise_key(schedule)
+        ray_sums = self._reduce(key)
         self._step += 1
         if not np.isfinite(ray_sums).all():
             self.skipped_steps += 1
@@ -217,17 +218,46 @@ class FlatSampler(torch.optim.Optimizer):
             return loss
         coef = rules.compose(schedule, ray_sums, kick=self.kick, scale=self.scale_likelihood,
                              dim=self.ray_dims, refresh_rate=refresh_rate, mom_norm=mom_norm)
+        self._update(coef, key)
+        self._ln_lum += float(coef.d_ln_lum.sum())
+        self._phase = _NEXT_PHASE[self._phase]
+        self.last_info = rules.step_diagnostics(ray_sums, coef)
+        return loss
+
+    # The pieces of a step, shared with samplers whose step() differs (rtllm.mclmc).
+    def _collect_gradient(self) -> None:
+        """Gather every parameter's gradient into the flat buffer, plus the prior's term."""
+        for fg in self._flat:
+            collect_grads(fg)
+        if self.prior is not None:
+            self.prior.add_gradient_(self.shards, self.scale_likelihood)
+
+    def _noise_key(self, schedule: rules.Schedule) -> dict:
+        return dict(seed=self.seed, step=self._step, stream=STREAM_REFRESH,
+                    noise=rules.needs_noise(schedule))
+
+    def _reduce(self, key: dict) -> np.ndarray:
+        """The reduce pass over every shard: float64 sums [rays, 6]."""
+        shard_sums, shard_rays = [], []
+        for fg, ray in zip(self._flat, self._ray_of_group):
+            for shard in fg.shards:
+                shard_sums.append(self.backend.reduce(shard, **key))
+                shard_rays.append(ray)
+        # The one host sync of the step: the scalar rule needs the sums.
+        sums = torch.stack(shard_sums).to("cpu", torch.float64).numpy()
+        ray_sums = np.zeros((len(self.ray_dims), 6))
+        np.add.at(ray_sums, shard_rays, sums)
+        return ray_sums
+
+    def _update(self, coef: rules.Coefficients, key: dict) -> None:
+        """The update pass over every shard with the composed coefficients."""
         # Coefficients below 1e-30 (e.g. alpha after a kick that fully turned v) add nothing at
         # fp32 resolution, and as fp32 subnormals they slow elementwise CPU kernels ~10x.
         alpha, beta, gamma = (np.where(np.abs(c) < 1e-30, 0.0, c).tolist()
                               for c in (coef.alpha, coef.beta, coef.gamma))
         for fg, ray in zip(self._flat, self._ray_of_group):
             for shard in fg.shards:
-                self.backend.update(shard, alpha[ray], beta[ray], gamma[ray], coef.delta, **key)
-        self._ln_lum += float(coef.d_ln_lum.sum())
-        self._phase = _NEXT_PHASE[self._phase]
-        self.last_info = rules.step_diagnostics(ray_sums, coef)
-        return loss
+                self.backend.update(shard, alpha[ray], beta[ray], gamma[ray], float(coef.delta), **key)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -295,6 +325,9 @@ class RayTracer(FlatSampler):
     'reference'); prior_scale / prior_center: an optional N(center, prior_scale^2 I) prior, not
     scaled by S (rtllm.prior), whose gradient step() adds to the gradient buffer (so zero the
     gradients between steps, as with any optimizer). A parameter whose .grad is None at step() has zero gradient.
+    Parameters on the meta device are materialized into the buffers on `device`, then filled by
+    `init_weights()` (e.g. `rtllm.model_io.config_initializer(model)`): no full-size copy of the
+    model is ever made (see rtllm.flat).
     """
 
     min_ray_dim = 2

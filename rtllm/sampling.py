@@ -18,14 +18,14 @@ from typing import Callable
 import torch
 
 from rtllm import tune
+from rtllm.chains import chain_seed
 from rtllm.checkpoint import checkpoint_path, cloned, load_checkpoint, save_checkpoint
 from rtllm.config import SampleConfig
 from rtllm.data import MinibatchOrder, TokenData, context_length, read_texts
 from rtllm.loss import lm_loss
-from rtllm.model_io import (load_model_and_tokenizer, param_groups_for, prepare_for_sampling, resolve_device,
-                            select_parameters)
+from rtllm.model_io import load_model_and_tokenizer, prepare_for_sampling, resolve_device, select_parameters
 from rtllm.runlog import RunLog, peak_memory_bytes
-from rtllm.samplers import RayTracer
+from rtllm.run_samplers import build_sampler, load_init_weights, needs_tuning, tune_in_burn_in
 from rtllm.storage import SampleWriter, check_free_disk, copy_tokenizer, estimate_run_disk
 
 RUN_MARKER = "run.json"  # marks a directory as an rtllm output (so --overwrite may clear it)
@@ -60,29 +60,29 @@ class SamplingRun:
         # Load (and validate) everything before touching the output directory.
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype, device=self.device)
+        if cfg.init:
+            load_init_weights(self.model, cfg.init)
         prepare_for_sampling(self.model)
         self.data = TokenData.from_texts(self.tokenizer, read_texts(cfg.train),
                                          heldout=read_texts(cfg.heldout) if cfg.heldout else None,
                                          seq_len=cfg.seq_len, context=context_length(self.model))
-        self.order = MinibatchOrder(len(self.data.train), cfg.batch_size, cfg.seed)
+        self.order = MinibatchOrder(len(self.data.train), cfg.batch_size, chain_seed(cfg.seed, cfg.chain))
         sampled, _ = select_parameters(self.model, cfg.params)  # the rest no longer require grad
         self.num_params = sum(p.numel() for _, p in sampled)
         self.scale = cfg.scale_likelihood or self.num_params / (2 * cfg.tolerance)
         self.tolerance = self.num_params / (2 * self.scale)
-        self.sampler = RayTracer(
-            param_groups_for(sampled, cfg.ray_per), dt=1.0 if cfg.dt == "auto" else cfg.dt,
-            scale_likelihood=self.scale, refresh_rate=cfg.refresh_rate, seed=cfg.seed,
-            ray="model" if cfg.ray_per == "model" else "group", prior_scale=cfg.prior_scale,
-            prior_center=cfg.prior_center)
+        self.sampler = build_sampler(cfg, sampled, self.scale, chain_seed(cfg.seed, cfg.chain))
         start_loss = self._mean_loss([0])
         if not math.isfinite(start_loss):
             raise ValueError(f"the loss is {start_loss} at the starting weights: check the model and "
                              f"the text (nothing was written)")
         self.n_samples = len(range(cfg.burn_in + cfg.thin - 1, cfg.steps, cfg.thin))
         # Undo needs a copy of x and v; decided once and kept in checkpoints, so a resumed run
-        # takes the same path whatever memory is free then.
-        undo = cfg.reject_threshold is not None and self._backup_fits()
-        self.state = dict(step=0, cursor=0, dt=None, dt_trials=[], prev_loss=None, flagged=[], undo=undo)
+        # takes the same path whatever memory is free then. MCLMC flags instead: undoing one of
+        # its half steps would break the McLachlan step it belongs to.
+        undo = cfg.reject_threshold is not None and cfg.sampler == "ray" and self._backup_fits()
+        self.state = dict(step=0, cursor=0, dt=None, L=None, dt_trials=[], prev_loss=None, flagged=[],
+                          undo=undo)
         self._check_disk()  # before --overwrite removes anything
         prepare_out_dir(cfg, resume, overwrite)
         self.ckpt_path = checkpoint_path(cfg.out_dir, cfg.chain)
@@ -104,7 +104,8 @@ class SamplingRun:
         run in another directory) writes byte-identical sample files.
         """
         return {**self.cfg.chain_defining(), "num_params": self.num_params, "scale_likelihood": self.scale,
-                "loss_tolerance_effective": self.tolerance, "dt": self.state["dt"]}
+                "loss_tolerance_effective": self.tolerance, "dt": self.state["dt"],
+                **({"L": self.state["L"]} if self.cfg.sampler == "mclmc" else {})}
 
     def _named_tensors(self) -> dict[str, torch.Tensor]:
         """HF state-dict names -> live tensors: the compute copy, or the fp32 master weights."""
@@ -157,18 +158,29 @@ class SamplingRun:
 
     def _loss_and_grad(self, cursor: int) -> tuple[float, int]:
         """Minibatch loss at the current weights; gradients land in the sampler's buffer."""
-        seqs = self.data.train[self.order.batch(cursor)].to(self.device)
+        loss, tokens = self._loss_and_grad_on_device(cursor)
+        return float(loss), tokens
+
+    def _minibatch(self, cursor: int) -> torch.Tensor:
+        seqs = self.data.train[self.order.batch(cursor)]
+        if self.device.type == "cuda":  # from pageable memory the copy would wait for the GPU
+            return seqs.pin_memory().to(self.device, non_blocking=True)
+        return seqs.to(self.device)
+
+    def _loss_and_grad_on_device(self, cursor: int) -> tuple[torch.Tensor, int]:
+        """As _loss_and_grad, the loss left on the device (float64 scalar): reading it syncs."""
+        seqs = self._minibatch(cursor)
         micro = self.cfg.micro_batch or len(seqs)
         self.sampler.zero_grad()
         shards = self.sampler.shards
         # bf16 gradients of several micro-batches are accumulated in fp32.
         acc = [torch.zeros_like(s.g, dtype=torch.float32) for s in shards] \
             if micro < len(seqs) and shards[0].g.dtype != torch.float32 else None
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for part in seqs.split(micro):
             loss = lm_loss(self.model, part[:, :-1], part[:, 1:]) * (len(part) / len(seqs))
             loss.backward()
-            total += float(loss.detach())
+            total += loss.detach().double()  # the float64 sum that Python floats gave, no sync
             if acc is not None:
                 for a, s in zip(acc, shards):
                     a.add_(s.g.float())
@@ -210,8 +222,12 @@ class SamplingRun:
     def _set_dt(self, dt: float) -> None:
         for group in self.sampler.param_groups:
             group["dt"] = dt
+        if self.state.get("L") is not None:  # MCLMC: L rides along as its refresh rate
+            self.sampler.L = self.state["L"]
 
     def choose_dt(self) -> float:
+        if self.cfg.sampler == "mclmc":
+            return self._tune_mclmc()
         if self.cfg.dt != "auto":
             return float(self.cfg.dt)
         self.say(f"choosing dt (--dt auto): trials of {self.cfg.dt_trial_steps} steps from "
@@ -221,6 +237,23 @@ class SamplingRun:
         self.state["dt_trials"] = [t.__dict__ for t in trials]
         self.say(f"dt = {dt:.4g} ({len(trials)} trials)")
         return dt
+
+    def _tune_mclmc(self) -> float:
+        """MCLMC's step size (and L in state['L']): tuned on the first burn-in gradients, or given."""
+        st = self.state
+        if needs_tuning(self.cfg):
+            def next_loss() -> torch.Tensor:
+                loss, _ = self._loss_and_grad_on_device(st["cursor"])
+                st["cursor"] += 1
+                st["step"] += 1
+                return loss
+
+            eps, L, record = tune_in_burn_in(self.cfg, self.sampler, next_loss, self.say)
+            self.log.write(record)
+        else:
+            eps, L = float(self.cfg.dt), float(self.cfg.L)
+        st["L"] = L
+        return eps
 
     # -- checkpoints ----------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
@@ -286,8 +319,17 @@ class SamplingRun:
         while st["step"] < cfg.steps:
             t = st["step"]
             t0 = time.perf_counter()
-            loss, tokens = self._loss_and_grad(st["cursor"])
+            loss, tokens = self._loss_and_grad_on_device(st["cursor"])
             st["cursor"] += 1
+            stepped = self._backup is None
+            if stepped:
+                # Without an undo copy the step is taken whatever the loss (a jump only flags the
+                # samples after it): read the loss after the step, whose sync for the scalar rule
+                # has brought it over by then. One host sync per step instead of two.
+                loss = _HostScalar(loss)
+                self.writer.wait_snapshot()  # the update must not overwrite a sample mid-copy
+                self._sampler_step(loss)
+            loss = float(loss)
             record = {"type": "step", "step": t, "loss": loss, "dt": st["dt"],
                       "phase": "burn-in" if t < cfg.burn_in else "sampling"}
             jump = st["prev_loss"] is not None and (not math.isfinite(loss) or
@@ -304,10 +346,13 @@ class SamplingRun:
                     for shard, (bx, bv) in zip(self.sampler.shards, self._backup):
                         bx.copy_(shard.x)
                         bv.copy_(shard.v)
-                self.writer.wait_snapshot()  # the update must not overwrite a sample mid-copy
-                self.sampler.step()
+                if not stepped:
+                    self.writer.wait_snapshot()
+                    self._sampler_step(loss)
                 st["prev_loss"] = loss
                 record.update(self.sampler.last_info, ln_luminosity=self.sampler.ln_luminosity)
+                if getattr(self.sampler, "last_energy_change", None) is not None:
+                    record["energy_change"] = self.sampler.last_energy_change
             st["step"] = t + 1
             is_sample = t >= cfg.burn_in and (t - cfg.burn_in + 1) % cfg.thin == 0
             need_heldout = is_sample or t % cfg.log_every == 0 or t + 1 == cfg.steps
@@ -316,6 +361,9 @@ class SamplingRun:
             if t % cfg.log_every == 0 or t + 1 == cfg.steps:
                 self._log_probe(t)
             if is_sample:
+                if cfg.sampler == "mclmc" and self.sampler.phase != "start":
+                    raise RuntimeError(f"MCLMC sample at step {t} is not at a full-step boundary (even "
+                                       f"burn-in and thin should guarantee it): please report this")
                 index = (t - cfg.burn_in + 1) // cfg.thin - 1
                 masked = any(t - cfg.thin < f <= t for f in st["flagged"])
                 self.writer.submit(index=index, chain=cfg.chain, step=t + 1, loss=loss,
@@ -333,11 +381,37 @@ class SamplingRun:
                 last_ckpt = time.monotonic()
         bar.close()
 
+    def _sampler_step(self, loss) -> None:
+        if self.cfg.sampler == "mclmc":
+            self.sampler.step(loss=loss)  # the loss tracks MCLMC's energy
+        else:
+            self.sampler.step()
+
     def _log_probe(self, step: int) -> None:
         probs = self._next_token_probs(self.probe["inputs"])
         picked = probs.gather(-1, self.probe["top_ids"])
         self.log.write({"type": "probe", "step": step,
                         "probs": [[round(float(p), 7) for p in row] for row in picked.reshape(-1, PROBE_TOP)]})
+
+
+class _HostScalar:
+    """A device scalar copied to pinned host memory without waiting for the GPU; float() waits
+    only if the copy has not landed yet (after a later host sync on the stream, it has)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self._event = None
+        if value.is_cuda:
+            host = torch.empty((), dtype=value.dtype, pin_memory=True)
+            host.copy_(value, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            value = host
+        self._value = value
+
+    def __float__(self) -> float:
+        if self._event is not None and not self._event.query():
+            self._event.synchronize()
+        return float(self._value)
 
 
 def sample(cfg: SampleConfig, *, resume: bool = False, overwrite: bool = False,

@@ -171,7 +171,7 @@ def test_merge_takes_a_crashed_chains_complete_samples_then_updates(tiny_model_d
     dead.wait()
     status = json.loads((c1 / CHAIN_STATUS).read_text())
     (c1 / CHAIN_STATUS).write_text(json.dumps({**status, "pid": dead.pid,
-                                               "launch": {"first_chain": 0, "world_size": 3}}))
+                                               "launch": {"chains": [0, 1, 2]}}))
     assert [(c.chain, c.status) for c in merge(out).chains] == [
         (0, "finished"), (1, "stopped"), (2, "missing")]
 

@@ -1,0 +1,144 @@
+"""MILE (Sommer et al., ICLR 2025): deep-ensemble members, each sampled by a tuned MCLMC chain.
+
+1. K members are trained from the checkpoint (or from scratch) under their own seeds and data
+   orders, with early stopping on held-out NLL (`rtllm.members`);
+2. each member starts its own chain: MCLMC's step size and L are tuned (phases I-III,
+   `rtllm.mclmc_tune`) during the burn-in, then the chain is sampled and thinned;
+3. the chains are written into one ensemble directory (`DIR/chains/chain-K`, chain id = member)
+   and merged (`rtllm.chains.merge`), so `rtllm evaluate` and `rtllm.Ensemble` read the result.
+
+Under torchrun, rank r handles members r, r + W, r + 2W, ...; without it one process handles
+them all in turn. Every stage resumes: a finished member is reused, a chain continues from its
+checkpoint. Layout: DIR/members/member-K (save_pretrained directories), DIR/chains/, DIR/ensemble.json.
+
+The paper uses full-batch gradients; here the gradient is a minibatch one (the full batch of
+an LM corpus does not fit a step), so the energy-based tuning sees minibatch noise too. That
+is the documented difference (docs/sampling.md, "MILE").
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from rtllm.config import SampleConfig
+from rtllm.members import MemberTraining, train_member
+
+MEMBERS = "members"
+MINIBATCH_WARNING = ("MILE here uses minibatch gradients (the paper uses full-batch ones): the "
+                     "step-size tuning and the chain see minibatch noise; larger --batch-size "
+                     "brings it closer to the paper")
+
+
+def member_dir(out_dir: Path | str, member: int) -> Path:
+    return Path(out_dir) / MEMBERS / f"member-{member:03d}"
+
+
+@dataclass(frozen=True)
+class MileConfig:
+    """K members (stage 1) and the sampling settings every member's chain shares (stage 2).
+
+    `sampling` holds the chain settings (sampler 'mclmc'; model, out, chain and init are set per
+    member); `training` how members are trained.
+    """
+
+    members: int
+    sampling: SampleConfig
+    training: MemberTraining = field(default_factory=MemberTraining)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.members, bool) or not isinstance(self.members, int) or self.members < 1:
+            raise ValueError(f"--members must be an integer >= 1 (the paper uses 12), got {self.members!r}")
+        if self.sampling.sampler != "mclmc":
+            raise ValueError(f"MILE samples with MCLMC; the sampling config says {self.sampling.sampler!r}")
+
+
+def _my_members(k: int, launch) -> list[int]:
+    if launch is None:
+        return list(range(k))
+    return list(range(launch.rank, k, launch.world_size))
+
+
+def run_mile(cfg: MileConfig, *, resume: bool = False, overwrite: bool = False,
+             log: Callable[[str], None] = print) -> Path:
+    """Train this process's members, sample each, merge; returns the ensemble directory."""
+    import torch
+
+    from rtllm.chains import Launch, chain_dir, check_ensemble_dir, handshake, merge, rank_device, run_chain
+    from rtllm.data import TokenData, context_length, read_texts
+    from rtllm.model_io import load_tokenizer, resolve_device
+    from rtllm.presets import config_for
+
+    s = cfg.sampling
+    out = s.out_dir
+    launch = Launch.from_env()
+    if launch is not None and launch.restart_count > 0:
+        resume, overwrite = True, False
+    error = None
+    try:
+        check_ensemble_dir(out)
+        if out.is_dir() and any(out.iterdir()) and not (resume or overwrite) and \
+                not (out / MEMBERS).is_dir():
+            raise ValueError(f"--out {out} is not empty and holds no MILE run; choose another directory")
+    except ValueError as e:
+        error = str(e)
+    if launch is not None:
+        handshake({"mile": dataclasses.asdict(cfg), "resume": resume, "overwrite": overwrite}, launch, error)
+    elif error:
+        raise ValueError(error)
+    device = resolve_device(rank_device(s.device, launch))
+    log(f"MILE: {cfg.members} members; {MINIBATCH_WARNING}")
+    mine = _my_members(cfg.members, launch)
+    if not mine:
+        log(f"rank {launch.rank}: no member to run ({cfg.members} members, {launch.world_size} ranks)")
+        return out
+    tokenizer = load_tokenizer(Path(s.model), f"tokenizer.save_pretrained({s.model!r})")
+    data = TokenData.from_texts(tokenizer, read_texts(s.train),
+                                heldout=read_texts(s.heldout) if s.heldout else None,
+                                seq_len=s.seq_len, context=context_length(config_for(s.model)))
+    for k in mine:
+        say = (lambda m, k=k: log(f"[member {k}] {m}"))
+        mdir = member_dir(out, k)
+        train_member(s.model, data, mdir, member=k, seed=s.seed, settings=cfg.training, device=device,
+                     reuse=not overwrite, log=say)
+        ccfg = dataclasses.replace(s, chain=k, init=str(mdir), out=str(chain_dir(out, k)),
+                                   device=str(device))
+        run_chain(ccfg, expected_chains=list(range(cfg.members)), resume=resume, overwrite=overwrite, log=say)
+        del ccfg
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    report = merge(out, verify=False)  # each sample was verified by re-reading when written
+    log(report.summary())
+    return out
+
+
+def add_mile_args(p) -> None:
+    """`rtllm mile` = the `rtllm sample` options (sampler mclmc) plus the members' training."""
+    d = MemberTraining.__dataclass_fields__
+    a = p.add_argument
+    a("--members", type=int, required=True, help="ensemble members K, one MCLMC chain each (MILE: 12)")
+    a("--member-lr", type=float, default=d["lr"].default, help="AdamW learning rate of the members (%(default)s)")
+    a("--member-steps", type=int, default=d["max_steps"].default, help="most AdamW steps per member (%(default)s)")
+    a("--member-eval-every", type=int, default=d["eval_every"].default, help="steps between held-out "
+      "evaluations for early stopping (%(default)s)")
+    a("--patience", type=int, default=d["patience"].default, help="evaluations without improvement "
+      "before a member stops (%(default)s)")
+    a("--member-batch-size", type=int, default=d["batch_size"].default, help="sequences per AdamW step (%(default)s)")
+    a("--from-scratch", action="store_true", help="train members from a fresh random init (small networks)")
+    p.set_defaults(sampler="mclmc")
+
+
+def cmd_mile(args) -> int:
+    from rtllm.cli import config_from_args
+
+    if args.sampler != "mclmc":
+        raise ValueError("rtllm mile samples with MCLMC: drop --sampler")
+    if args.chain is not None:
+        raise ValueError("rtllm mile numbers its chains by member: drop --chain")
+    training = MemberTraining(lr=args.member_lr, max_steps=args.member_steps, eval_every=args.member_eval_every,
+                              patience=args.patience, batch_size=args.member_batch_size,
+                              from_scratch=args.from_scratch)
+    run_mile(MileConfig(members=args.members, sampling=config_from_args(args), training=training),
+             resume=args.resume, overwrite=args.overwrite)
+    return 0
