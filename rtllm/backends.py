@@ -7,7 +7,7 @@
 - `torch`: the fast CPU path. Noise comes from torch's generator, seeded per fixed-size chunk
   from (seed, step, stream, chunk), so it is still a pure function of the global element index
   (not of sharding or threads); it is drawn once in the reduce pass and kept for the update pass
-  when the shard is small enough, else drawn again.
+  while the cache has room (NOISE_CACHE_MAX elements over all shards), else drawn again.
 """
 from __future__ import annotations
 
@@ -19,13 +19,17 @@ import torch
 from torch import Tensor
 
 from rtllm.flat import Shard
+from rtllm.kernels.reference import split_fp32
 
 # torch backend: elements per noise chunk and per work item. Small enough to stay in cache and
 # to keep torch.dot's serial fp32 accumulation short (~1e-6 relative error per partial sum).
 CHUNK = 2**16
 PIECES_PER_TASK = 4  # torch backend: chunks per thread-pool task in the reduce pass
 UPDATE_SLICE = 2**22  # torch backend: elements per slice of the update pass
-NOISE_CACHE_MAX = 2**28  # torch backend: keep up to 1 GiB of fp32 noise per shard between passes
+# torch backend: keep up to 1 GiB of fp32 noise between passes, over all shards together. A cap
+# per shard would not bound it: a model split into many small shards (one ray per block) would
+# cache a full-size copy of the noise (6 GB at GPT-2 1.5B). Shards beyond it redraw the noise.
+NOISE_CACHE_MAX = 2**28
 _MASK64 = (1 << 64) - 1
 
 
@@ -50,6 +54,7 @@ class TorchBackend:
 
     def __init__(self) -> None:
         self._noise: dict[int, tuple[tuple, Tensor]] = {}
+        self._noise_elements = 0  # elements held in self._noise
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -60,10 +65,10 @@ class TorchBackend:
             gen = self._local.gen = torch.Generator()
         return gen
 
-    def _pieces(self, shard: Shard):
-        """(local start, length, chunk index, start within chunk) covering the shard."""
-        end = shard.offset + shard.numel
-        pos = shard.offset
+    def _pieces(self, shard: Shard, lo: int = 0, hi: int | None = None):
+        """(local start, length, chunk index, start within chunk) covering shard[lo:hi]."""
+        end = shard.offset + (shard.numel if hi is None else min(hi, shard.numel))
+        pos = shard.offset + lo
         while pos < end:
             chunk = pos // CHUNK
             stop = min(end, (chunk + 1) * CHUNK)
@@ -84,11 +89,16 @@ class TorchBackend:
             out.copy_(buf[within : within + out.numel()])
 
     def _noise_buffer(self, shard: Shard, key: tuple) -> tuple[Tensor | None, bool]:
-        """The shard's noise cache and whether it already holds `key`'s noise."""
-        if shard.numel > NOISE_CACHE_MAX:
-            return None, False
+        """The shard's noise cache (None when the cache is full) and whether it holds `key`'s noise."""
         held = self._noise.get(id(shard))
-        if held is None or held[1].numel() != shard.numel:
+        if held is not None and held[1].numel() != shard.numel:  # an id reused by a new shard
+            del self._noise[id(shard)]
+            self._noise_elements -= held[1].numel()
+            held = None
+        if held is None:
+            if self._noise_elements + shard.numel > NOISE_CACHE_MAX:
+                return None, False
+            self._noise_elements += shard.numel
             held = ((), torch.empty(shard.numel, dtype=torch.float32, device=shard.x.device))
         self._noise[id(shard)] = (key, held[1])
         return held[1], held[0] == key
@@ -132,10 +142,17 @@ class TorchBackend:
         noise = noise and gamma != 0.0
         cache, fresh = self._noise_buffer(shard, key) if noise else (None, False)
         if noise and not fresh:  # no cache, or a step without a reduce pass: draw the noise again
-            for start, n, chunk, within in self._pieces(shard):
-                nz = cache[start : start + n] if cache is not None else torch.empty(n)
-                self._draw(nz, shard, chunk, within, key)
-                self._update_slice(shard, slice(start, start + n), nz, alpha, beta, gamma, delta)
+            # Drawn chunk by chunk into a slice-sized buffer, applied per slice: elementwise ops
+            # on 2^16-element chunks cost ~20x more on a loaded machine (a thread-pool barrier
+            # per op), and there are 24k chunks per pass at 1.5e9 parameters.
+            scratch = None if cache is not None else \
+                torch.empty(min(UPDATE_SLICE, shard.numel), dtype=torch.float32, device=shard.x.device)
+            for start in range(0, shard.numel, UPDATE_SLICE):
+                stop = min(start + UPDATE_SLICE, shard.numel)
+                nz = cache[start:stop] if cache is not None else scratch[: stop - start]
+                for pos, n, chunk, within in self._pieces(shard, start, stop):
+                    self._draw(nz[pos - start : pos - start + n], shard, chunk, within, key)
+                self._update_slice(shard, slice(start, stop), nz, alpha, beta, gamma, delta)
             return
         # Elementwise and memory-bound: large slices, torch's own threads.
         for start in range(0, shard.numel, UPDATE_SLICE):
@@ -149,16 +166,22 @@ class TorchBackend:
         v.mul_(alpha).add_(shard.g[sl], alpha=beta)
         if nz is not None:
             v.add_(nz, alpha=gamma)
-        if delta != 0.0:
+        if delta != 0.0 and shard.x_lo is not None:  # fp32-split: the same fp32 add, re-split
+            x = shard.position(sl).add_(v, alpha=delta)
+            hi, lo = split_fp32(x)
+            shard.x[sl].copy_(hi)
+            shard.x_lo[sl].copy_(lo)
+        elif delta != 0.0:
             shard.x[sl].add_(v, alpha=delta)
             if shard.compute is not None:
                 shard.compute[sl].copy_(shard.x[sl])
 
     def draw_velocity(self, shard: Shard, *, seed: int, stream: int, scale: float) -> None:
         for start, n, chunk, within in self._pieces(shard):
-            v = shard.v[start : start + n]
-            self._draw(v, shard, chunk, within, (seed, 0, stream))
-            v.mul_(scale)
+            self._draw(shard.v[start : start + n], shard, chunk, within, (seed, 0, stream))
+        if scale != 1.0:  # in large slices, for the reason given in update()
+            for start in range(0, shard.numel, UPDATE_SLICE):
+                shard.v[start : start + UPDATE_SLICE].mul_(scale)
 
 
 class _PhiloxBackend:
@@ -175,15 +198,16 @@ class _PhiloxBackend:
 
     def update(self, shard: Shard, alpha: float, beta: float, gamma: float, delta: float, *,
                seed: int, step: int, stream: int, noise: bool) -> None:
-        self._update(shard.x, shard.v, shard.g, shard.compute, alpha=alpha, beta=beta,
-                     gamma=gamma, delta=delta, seed=seed, step=step, stream=stream,
+        self._update(shard.x, shard.v, shard.g, shard.compute, x_lo=shard.x_lo, alpha=alpha,
+                     beta=beta, gamma=gamma, delta=delta, seed=seed, step=step, stream=stream,
                      offset=shard.offset, noise=noise and gamma != 0.0)
 
     def draw_velocity(self, shard: Shard, *, seed: int, stream: int, scale: float) -> None:
         # v <- scale * n through the update pass (alpha = beta = delta = 0 leaves x as it is).
         shard.v.zero_()
-        self._update(shard.x, shard.v, shard.v, None, alpha=0.0, beta=0.0, gamma=scale,
-                     delta=0.0, seed=seed, step=0, stream=stream, offset=shard.offset, noise=True)
+        self._update(shard.x, shard.v, shard.v, None, x_lo=shard.x_lo, alpha=0.0, beta=0.0,
+                     gamma=scale, delta=0.0, seed=seed, step=0, stream=stream,
+                     offset=shard.offset, noise=True)
 
 
 def triton_available() -> bool:

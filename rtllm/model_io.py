@@ -88,14 +88,19 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def prepare_for_sampling(model: nn.Module, *, checkpointing: bool = True) -> nn.Module:
+def prepare_for_sampling(model: nn.Module, *, checkpointing: bool = True,
+                         checkpoint_every: int = 1) -> nn.Module:
     """Make the forward pass a deterministic function of the weights; returns `model`.
 
     Dropout would make ln p random beyond the minibatch, so every dropout rate is set to 0. The
     model stays in train mode nevertheless: Hugging Face activation checkpointing only runs in
     train mode, and with zero dropout train and eval forwards agree. The KV cache is turned off
-    (it is useless without generation and conflicts with checkpointing).
+    (it is useless without generation and conflicts with checkpointing). `checkpoint_every=k`
+    checkpoints only every k-th block (0, k, 2k, ...): the others keep their activations, which
+    saves their recomputed forward at the cost of their activation memory (docs/benchmarks.md).
     """
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be an int >= 1 (1: every block), got {checkpoint_every!r}")
     for module in model.modules():
         # _DropoutNd is the common base of Dropout, Dropout1d/2d/3d, AlphaDropout, ...
         if isinstance(module, nn.modules.dropout._DropoutNd):
@@ -119,10 +124,28 @@ def prepare_for_sampling(model: nn.Module, *, checkpointing: bool = True) -> nn.
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if checkpoint_every > 1:
+            _checkpoint_every_kth_block(model, checkpoint_every)
     elif not checkpointing and _is_checkpointing(model):
         disable = getattr(model, "activation_checkpointing_disable", None)
         (disable or model.gradient_checkpointing_disable)()
     return model
+
+
+def _checkpoint_every_kth_block(model: nn.Module, k: int) -> None:
+    # Recent transformers checkpoint per block (GradientCheckpointingLayer reads its own flag at
+    # call time); older versions switch the whole model, which cannot be thinned.
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        GradientCheckpointingLayer = None
+    blocks = [m for m in model.modules()
+              if GradientCheckpointingLayer is not None and isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no per-block checkpointing switch (this "
+                         f"transformers has no GradientCheckpointingLayer); use checkpoint_every=1")
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = i % k == 0
 
 
 def _is_checkpointing(model: nn.Module) -> bool:
@@ -219,3 +242,48 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name} but no CUDA GPU is visible; use --device cpu")
     return device
+
+
+def meta_model(config, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """The causal LM of a transformers `config` on the meta device: every parameter's shape, no
+    memory, no values (GPT-2 1.5B builds in seconds).
+
+    Give its parameters to a sampler with `device=` and `init_weights=config_initializer(model)`:
+    they are materialized straight into the sampler's flat buffers. `dtype` sets the compute
+    dtype (the sampler's position stays fp32). Models with buffers (e.g. rotary frequency
+    tables) are rejected: their values would be lost on the meta device.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as err:
+        raise ValueError(f"cannot build a causal LM from a {type(config).__name__} "
+                         f"({_first_line(err)}); pass the config of a causal LM (e.g. GPT-2)") from err
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        raise ValueError(f"{type(model).__name__} has buffers ({', '.join(buffers[:3])}"
+                         f"{', ...' if len(buffers) > 3 else ''}) that the meta device cannot "
+                         f"hold values for; load it with from_pretrained instead")
+    return model.to(dtype) if dtype is not None else model
+
+
+def config_initializer(model: nn.Module):
+    """A callable running the model's own random init from its config, in place.
+
+    It is transformers' `initialize_weights` (for GPT-2: N(0, initializer_range) weights, c_proj
+    scaled by 1/sqrt(2 n_layer), LayerNorm ones and zeros, zero biases), after clearing the
+    `_is_hf_initialized` marks with which transformers skips modules it considers done. Draws
+    from torch's global generator: seed it (torch.manual_seed) for a reproducible init.
+    """
+    def initialize() -> None:
+        for obj in (*model.modules(), *model.parameters()):
+            obj.__dict__.pop("_is_hf_initialized", None)
+        init = getattr(model, "initialize_weights", None)
+        if init is not None:
+            init()
+        else:  # older transformers versions have no initialize_weights
+            model.apply(model._init_weights)
+
+    return initialize

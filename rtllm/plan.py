@@ -164,7 +164,7 @@ def plan_memory(config, *, batch: int, seq: int, layout: str = DEFAULT_LAYOUT, d
     per forward/backward (None: the whole batch); prior_center: None (no prior), 'zero' or
     'start'; sampled_params: the --params regex; gpu_mem_bytes: the memory to fit in (None:
     `fits` is None). The defaults plan the sampler's steady state; `rtllm sample`'s own
-    defaults add dt_auto=True (a device copy of x and v during the dt trials) and
+    defaults add dt_auto=True (a host copy of x and v during the dt trials) and
     undo_backup='auto' (a copy of x and v when free memory exceeds twice its size).
     from_meta: the model was built on the meta device and materialized into the buffers (no
     loaded copy at build time).
@@ -234,7 +234,9 @@ def plan_memory(config, *, batch: int, seq: int, layout: str = DEFAULT_LAYOUT, d
         transients[ACCUMULATE] = {GRAD_ACC: accumulator + 4 * max(n for n, _ in shape.shards)}
     transients[STEP] = {PARTIALS: step_scratch_bytes(shape.shards, "triton" if cuda else "torch", cuda=cuda),
                         PRIOR_TMP: _prior_temporaries(shape.shards, prior_center, a)}
-    if dt_auto:  # SamplingRun._trial clones the sampler state on the device around its steps
+    if dt_auto and cuda:  # SamplingRun._trial snapshots x and v in host memory
+        host[DT_SNAPSHOT] = backup + prior
+    if dt_auto and not cuda:  # ... which on CPU is the device memory
         busiest = max((transients[k] for k in (FWD_BWD, ACCUMULATE, STEP) if k in transients),
                       key=lambda rows: sum(rows.values()))
         transients[DT_TRIALS] = {DT_SNAPSHOT: backup + prior, **busiest}

@@ -19,6 +19,7 @@ from rtllm import rules
 from rtllm.backends import make_backend
 from rtllm.flat import MAX_SHARD_ELEMENTS, build_group, collect_grads, finish_materialize, zero_grads
 from rtllm.kernels.philox import STREAM_INIT, STREAM_REFRESH
+from rtllm.layouts import DEFAULT_LAYOUT, get_layout
 from rtllm.prior import GaussianPrior
 
 _NEXT_PHASE = {"first": "steady", "steady": "steady", "closing": "first"}
@@ -38,6 +39,7 @@ class FlatSampler(torch.optim.Optimizer):
 
     kick: rules.KickRule = staticmethod(rules.ray_kick)
     min_ray_dim = 1
+    layouts = ("fp32", "fp32-split")  # state layouts this sampler's passes support (rtllm.layouts)
 
     def __init__(self, params, *, dt: float, scale_likelihood: float | None = None,
                  loss_tolerance: float | None = None, refresh_rate: float = 1.0,
@@ -45,8 +47,14 @@ class FlatSampler(torch.optim.Optimizer):
                  prior_scale: float | None = None, prior_center: str = "zero",
                  max_shard_elements: int = MAX_SHARD_ELEMENTS,
                  device: torch.device | str | None = None,
-                 init_weights: Callable[[], None] | None = None) -> None:
+                 init_weights: Callable[[], None] | None = None,
+                 layout: str = DEFAULT_LAYOUT) -> None:
         _check_positive("dt", dt)
+        get_layout(layout)  # an unknown name: a one-line error listing the registered ones
+        if layout not in self.layouts:
+            raise ValueError(f"{type(self).__name__} supports layout "
+                             f"{' or '.join(map(repr, self.layouts))}, got {layout!r}")
+        self.layout = layout
         _check_positive("refresh_rate", refresh_rate, allow_zero=True)
         _check_positive("mom_norm", mom_norm)
         if scale_likelihood is not None and loss_tolerance is not None:
@@ -72,7 +80,8 @@ class FlatSampler(torch.optim.Optimizer):
         sizes = [sum(p.numel() for p in g["params"]) for g in self.param_groups]
         bases = [sum(sizes[:i]) for i in range(len(sizes))]
         self._flat = [build_group(g["params"], max_shard_elements, base_offset=b, total_numel=sum(sizes),
-                                  device=device) for g, b in zip(self.param_groups, bases)]
+                                  device=device, layout=layout)
+                      for g, b in zip(self.param_groups, bases)]
         if meta:  # materialized straight into the buffers: no full-size copy of the model
             with torch.no_grad():
                 init_weights()
@@ -261,9 +270,11 @@ class FlatSampler(torch.optim.Optimizer):
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything needed to continue the chain exactly (tensors are live references)."""
+        """Everything needed to continue the chain exactly (tensors are live references, except
+        a fp32-split position, joined into a new fp32 tensor: states are layout-independent)."""
         return {
             "sampler": type(self).__name__,
+            "layout": self.layout,
             "seed": self.seed,
             "step": self._step,
             "phase": self._phase,
@@ -272,7 +283,7 @@ class FlatSampler(torch.optim.Optimizer):
             "scale_likelihood": self.scale_likelihood,
             "ray_dims": self.ray_dims.tolist(),
             "hyper": [{k: g[k] for k in _HYPER} for g in self.param_groups],
-            "position": [[s.x for s in fg.shards] for fg in self._flat],
+            "position": [[s.position() for s in fg.shards] for fg in self._flat],
             "velocity": [[s.v for s in fg.shards] for fg in self._flat],
             "prior": None if self.prior is None else self.prior.state_dict(),
         }
@@ -297,10 +308,8 @@ class FlatSampler(torch.optim.Optimizer):
         # Everything checked: from here on the state is written.
         for fg, xs, vs in zip(self._flat, state["position"], state["velocity"]):
             for shard, x, v in zip(fg.shards, xs, vs):
-                shard.x.copy_(x)
+                shard.set_position(x)
                 shard.v.copy_(v)
-                if shard.compute is not None:
-                    shard.compute.copy_(shard.x)
         for group, hyper in zip(self.param_groups, state["hyper"]):
             group.update(hyper)
         self.seed = state["seed"]
@@ -327,7 +336,9 @@ class RayTracer(FlatSampler):
     gradients between steps, as with any optimizer). A parameter whose .grad is None at step() has zero gradient.
     Parameters on the meta device are materialized into the buffers on `device`, then filled by
     `init_weights()` (e.g. `rtllm.model_io.config_initializer(model)`): no full-size copy of the
-    model is ever made (see rtllm.flat).
+    model is ever made (see rtllm.flat). layout: 'fp32' (default) or, for bf16 parameters,
+    'fp32-split': the same fp32 position stored as two 16-bit planes whose high one is the
+    model's weights, 10 instead of 12 bytes/parameter, the same chain (docs/precision.md).
     """
 
     min_ray_dim = 2

@@ -19,7 +19,7 @@ import torch
 
 from rtllm import tune
 from rtllm.chains import chain_seed
-from rtllm.checkpoint import checkpoint_path, cloned, load_checkpoint, save_checkpoint
+from rtllm.checkpoint import checkpoint_path, load_checkpoint, map_tensors, save_checkpoint
 from rtllm.config import SampleConfig
 from rtllm.data import MinibatchOrder, TokenData, context_length, read_texts
 from rtllm.loss import lm_loss
@@ -58,7 +58,9 @@ class SamplingRun:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         # Load (and validate) everything before touching the output directory.
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        # fp32-split keeps its position's high plane as the bf16 weights: bf16 on CPU too.
+        dtype = torch.bfloat16 if self.device.type == "cuda" or cfg.layout == "fp32-split" \
+            else torch.float32
         self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype, device=self.device)
         if cfg.init:
             load_init_weights(self.model, cfg.init)
@@ -137,7 +139,7 @@ class SamplingRun:
         return avail > 4 * need
 
     def _make_backup(self):
-        return [(s.x.clone(), s.v.clone()) for s in self.sampler.shards]
+        return [(s.position(copy=True), s.v.clone()) for s in self.sampler.shards]
 
     def _make_probe(self) -> dict:
         """A fixed held-out batch and, per position, the starting model's top-5 next tokens."""
@@ -196,7 +198,9 @@ class SamplingRun:
 
         start: the mean loss of the current state on those batches (the same for every trial).
         """
-        saved = cloned(self.sampler.state_dict())
+        # The snapshot of x and v goes to host memory: on a GPU a device copy (8 bytes/parameter,
+        # 11.6 GiB at GPT-2 XL) would not fit a 24 GB card next to the state.
+        saved = map_tensors(self.sampler.state_dict(), lambda t: t.to("cpu", copy=True))
         cursors = range(self.cfg.dt_trial_steps)
         self._set_dt(dt)
         for c in cursors:
@@ -286,10 +290,8 @@ class SamplingRun:
     def _undo_last_step(self) -> None:
         """Restore x and v from before the last update and reverse v (the ray bounces back)."""
         for shard, (bx, bv) in zip(self.sampler.shards, self._backup):
-            shard.x.copy_(bx)
+            shard.set_position(bx)  # and the compute copy (or, fp32-split, both planes)
             shard.v.copy_(bv).neg_()
-            if shard.compute is not None:
-                shard.compute.copy_(shard.x)
 
     def run(self) -> Path:
         cfg, st = self.cfg, self.state
@@ -344,7 +346,7 @@ class SamplingRun:
                     st["flagged"].append(t)
                 if self._backup is not None:
                     for shard, (bx, bv) in zip(self.sampler.shards, self._backup):
-                        bx.copy_(shard.x)
+                        bx.copy_(shard.position())
                         bv.copy_(shard.v)
                 if not stepped:
                     self.writer.wait_snapshot()
