@@ -83,11 +83,12 @@ def bench_paper(numel, tensors, device, dtype, repeat):
     return t
 
 
-def bench_kernels(numel: int, repeat: int) -> dict:
-    """Achieved GB/s of the Triton kernels vs a device copy (CUDA only)."""
+def bench_kernels(numel: int, repeat: int, device: str | torch.device = "cuda") -> dict:
+    """Achieved GB/s of the Triton kernels vs a device copy (CUDA; on CPU only under
+    TRITON_INTERPRET=1, as a smoke test whose figures mean nothing)."""
     from rtllm.kernels.triton_step import fused_update_, reduce_sums
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     x = torch.randn(numel, device=dev)
     v = torch.randn(numel, device=dev)
     g = torch.randn(numel, device=dev, dtype=torch.bfloat16)
