@@ -91,13 +91,17 @@ class MCLMCRule:
             closing = np.zeros_like(coef.d_ln_lum)
         return coef, closing
 
-    def advance(self, kinetic, closing, potential, eps) -> tuple[Array, Array, Array]:
+    def advance(self, kinetic, closing, potential, eps, potential_end=None) -> tuple[Array, Array, Array]:
         """Book one call (kinetic changes summed per unit; U at the call's position, nan if
         unknown) and move to the next phase. Returns (energy change, kinetic change, step
-        size) of the full step this call finished, nan where it finished none."""
+        size) of the full step this call finished, nan where it finished none.
+
+        potential_end: U at the call's position on the *finished* step's minibatch, when that
+        differs from the new step's (minibatch gradients); default `potential`."""
         nan = np.full(self.shape, np.nan)
         done = (self.eps_open > 0) if self.at_boundary else np.zeros(self.shape, bool)
-        energy = np.where(done, self.pending + closing + potential - self.potential_start, nan)
+        end = potential if potential_end is None else potential_end
+        energy = np.where(done, self.pending + closing + end - self.potential_start, nan)
         kinetic_done = np.where(done, self.pending + closing, nan)
         eps_done = np.where(done, self.eps_open, nan)
         if self.at_boundary:
@@ -153,6 +157,7 @@ class MCLMC(FlatSampler):
 
     kick = staticmethod(rules.esh_kick)
     min_ray_dim = 2
+    layouts = ("fp32",)  # its drift undo writes shard.x as an fp32 position (rtllm.layouts)
 
     def __init__(self, params, *, step_size: float, L: float, scale_likelihood: float | None = None,
                  loss_tolerance: float | None = None, seed: int = 0, ray: str = "model",
@@ -231,14 +236,21 @@ class MCLMC(FlatSampler):
 
     # -- the step -----------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None, *, loss=None):
+    def step(self, closure: Callable[[], Tensor] | None = None, *, loss=None, end_loss=None):
         """One gradient: half of a full step. `loss` (or the closure's return value) is the
-        minibatch loss at the current position, for the energy; optional."""
+        minibatch loss at the current position, for the energy; optional.
+
+        With minibatch gradients the two ends of a full step must be scored on the *same*
+        minibatch, or the energy change is swamped by S x the loss difference between batches
+        (~1e6 at S ~ 1e7): at a boundary, `end_loss` is the loss at the current position on the
+        finished step's minibatch (a closure may return `(loss, end_loss)`)."""
         if closure is not None:
-            if loss is not None:
-                raise ValueError("pass a closure or loss=, not both")
+            if loss is not None or end_loss is not None:
+                raise ValueError("pass a closure or loss=/end_loss=, not both")
             with torch.enable_grad():
                 loss = closure()
+            if isinstance(loss, tuple):
+                loss, end_loss = loss
         eps, L = self.step_size, self.L
         self._collect_gradient()
         key = self._noise_key(self._rule.schedule(eps))
@@ -251,14 +263,15 @@ class MCLMC(FlatSampler):
             return loss
         coef, closing = self._rule.coefficients(sums, eps=eps, L=L, scale=self.scale_likelihood,
                                                 dim=self.ray_dims)
-        potential = math.nan
+        potential = potential_end = math.nan
         if loss_value is not None and self._rule.at_boundary:
-            potential = self.scale_likelihood * loss_value
-            if self.prior is not None:  # one more pass over x, at boundaries only
-                potential += self.prior.neg_log_density(self.shards)
+            prior = self.prior.neg_log_density(self.shards) if self.prior is not None else 0.0
+            potential = self.scale_likelihood * loss_value + prior  # prior: a pass over x, at boundaries only
+            potential_end = potential if end_loss is None else self.scale_likelihood * float(end_loss) + prior
         self._update(coef, key)
         kinetic = float(coef.d_ln_lum.sum())
-        energy, kinetic_done, eps_done = self._rule.advance(kinetic, float(closing.sum()), potential, eps)
+        energy, kinetic_done, eps_done = self._rule.advance(kinetic, float(closing.sum()), potential, eps,
+                                                            potential_end)
         if np.isfinite(eps_done):
             self.last_step_size = float(eps_done)
             self.last_kinetic_change = float(kinetic_done)

@@ -214,8 +214,10 @@ def tune_mclmc(target: MCLMC | MCLMCChains, closure: Callable[[], Tensor] | None
             trace[i] = t.read(ess_idx)
         taus = np.array([[integrated_autocorr_time(trace[:, u, j]) for j in range(len(ess_idx))]
                          for u in range(units)])
+        # tau < 1 (Sokal's estimate of an antithetic or period-2 coordinate, even negative)
+        # would credit more effective samples than steps and shrink L without bound: at least 1.
         with np.errstate(all="ignore"):
-            tau_mean = np.nanmean(np.where(np.isfinite(taus), taus, np.nan), axis=1)
+            tau_mean = np.nanmean(np.where(np.isfinite(taus), np.maximum(taus, 1.0), np.nan), axis=1)
         L3 = L_factor * t.step_size * tau_mean
         t.L = np.where(np.isfinite(L3) & (L3 > 0), L3, t.L)
 

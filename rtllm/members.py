@@ -101,7 +101,9 @@ def train_member(model_dir: str | Path, data: TokenData, out_dir: Path, *, membe
                              {"params": rest, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95))
     order = MinibatchOrder(len(data.train), min(settings.batch_size, len(data.train)), s)
     best = heldout_nll(model, data.heldout, device)
-    start_nll, best_step, best_state, stale = best, 0, None, 0
+    start_nll, best_step, stale = best, 0, 0
+    # The start competes too: if no evaluation beats it, the member is the start, not the last step.
+    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     history = [{"step": 0, "heldout_nll": best}]
     t0 = time.perf_counter()
     for step in range(1, settings.max_steps + 1):

@@ -163,6 +163,19 @@ class SamplingRun:
         loss, tokens = self._loss_and_grad_on_device(cursor)
         return float(loss), tokens
 
+    def _next_batch(self) -> int:
+        """The cursor of the next gradient's minibatch. MCLMC: both gradients of a full step
+        share one (the step then integrates one potential), so only a start call moves on."""
+        if self.cfg.sampler == "mclmc" and self.sampler.phase in ("mid", "mid_close"):
+            return self.state["cursor"] - 1
+        self.state["cursor"] += 1
+        return self.state["cursor"] - 1
+
+    @torch.no_grad()
+    def _batch_loss(self, cursor: int) -> torch.Tensor:
+        seqs = self._minibatch(cursor)
+        return lm_loss(self.model, seqs[:, :-1], seqs[:, 1:])
+
     def _minibatch(self, cursor: int) -> torch.Tensor:
         seqs = self.data.train[self.order.batch(cursor)]
         if self.device.type == "cuda":  # from pageable memory the copy would wait for the GPU
@@ -246,11 +259,14 @@ class SamplingRun:
         """MCLMC's step size (and L in state['L']): tuned on the first burn-in gradients, or given."""
         st = self.state
         if needs_tuning(self.cfg):
-            def next_loss() -> torch.Tensor:
-                loss, _ = self._loss_and_grad_on_device(st["cursor"])
-                st["cursor"] += 1
+            def next_loss() -> tuple[torch.Tensor, torch.Tensor | None]:
+                # The tuner reads the energy change of each full step, so both of its ends are
+                # scored on the step's own minibatch: one extra forward pass per full step.
+                start = self.sampler.phase == "start"
+                end = self._batch_loss(st["cursor"] - 1) if start and st["cursor"] > 0 else None
+                loss, _ = self._loss_and_grad_on_device(self._next_batch())
                 st["step"] += 1
-                return loss
+                return loss, end
 
             eps, L, record = tune_in_burn_in(self.cfg, self.sampler, next_loss, self.say)
             self.log.write(record)
@@ -321,8 +337,7 @@ class SamplingRun:
         while st["step"] < cfg.steps:
             t = st["step"]
             t0 = time.perf_counter()
-            loss, tokens = self._loss_and_grad_on_device(st["cursor"])
-            st["cursor"] += 1
+            loss, tokens = self._loss_and_grad_on_device(self._next_batch())
             stepped = self._backup is None
             if stepped:
                 # Without an undo copy the step is taken whatever the loss (a jump only flags the
@@ -353,8 +368,6 @@ class SamplingRun:
                     self._sampler_step(loss)
                 st["prev_loss"] = loss
                 record.update(self.sampler.last_info, ln_luminosity=self.sampler.ln_luminosity)
-                if getattr(self.sampler, "last_energy_change", None) is not None:
-                    record["energy_change"] = self.sampler.last_energy_change
             st["step"] = t + 1
             is_sample = t >= cfg.burn_in and (t - cfg.burn_in + 1) % cfg.thin == 0
             need_heldout = is_sample or t % cfg.log_every == 0 or t + 1 == cfg.steps
