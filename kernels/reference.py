@@ -7,6 +7,11 @@ how the group is sharded.
 They are dtype-generic: with float64 state everything runs in float64 (the test oracle);
 otherwise elementwise arithmetic is float32 and the sums are accumulated in float64.
 Work is chunked over <= 2^20 elements so no full-size temporaries are created.
+
+The "fp32-split" layout (rtllm.layouts) stores the fp32 position as two 16-bit planes: the high
+half of each bit pattern, rounded half away from zero, is a bf16 (the weights the model computes
+with, so no separate compute copy), and the low half is the signed int16 remainder. Joining them
+gives the fp32 bits back exactly, so the chain is the fp32 chain (docs/precision.md).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import torch
 
 from .philox import check_noise_args, philox_normals
 
-__all__ = ["reduce_sums_ref", "fused_update_ref_", "check_step_tensors", "check_coefficients", "SUM_NAMES"]
+__all__ = ["reduce_sums_ref", "fused_update_ref_", "check_step_tensors", "check_coefficients",
+           "SUM_NAMES", "split_fp32", "join_fp32"]
 
 SUM_NAMES = ("vv", "gg", "vg", "nn", "nv", "ng")
 
@@ -36,6 +42,21 @@ def _check_vector(name: str, t, n: int | None, device) -> None:
         raise ValueError(f"{name} is on {t.device}, expected {device} (the device of v)")
 
 
+def split_fp32(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 -> (bf16 high plane, int16 low plane) of the fp32-split layout; `join_fp32` inverts it.
+
+    Integer arithmetic on the bit patterns, modulo 2^32, so it is a bijection for every pattern.
+    """
+    bits = value.view(torch.int32)
+    hi = (bits + 0x8000) >> 16  # the high half, rounded half away from zero (sign-magnitude)
+    return hi.to(torch.int16).view(torch.bfloat16), (bits - (hi << 16)).to(torch.int16)
+
+
+def join_fp32(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """The fp32 values of a split position (bf16 high plane, int16 low plane), bit-exact."""
+    return ((hi.view(torch.int16).to(torch.int32) << 16) + lo.to(torch.int32)).view(torch.float32)
+
+
 def check_step_tensors(
     x: torch.Tensor | None,
     v: torch.Tensor,
@@ -45,15 +66,28 @@ def check_step_tensors(
     state_dtypes: tuple[torch.dtype, ...],
     grad_dtypes: tuple[torch.dtype, ...] = _FLOATS,
     compute_dtypes: tuple[torch.dtype, ...] = _FLOATS,
+    x_lo: torch.Tensor | None = None,
 ) -> None:
-    """Validate the tensors of a step: 1-D, contiguous, same length and device, allowed dtypes."""
+    """Validate the tensors of a step: 1-D, contiguous, same length and device, allowed dtypes.
+
+    With x_lo, (x, x_lo) is a split fp32 position: x bf16, x_lo int16, v fp32, no compute copy.
+    """
     _check_vector("v", v, None, None)
     n, device = v.numel(), v.device
     if v.dtype not in state_dtypes:
         raise TypeError(f"v must have dtype in {state_dtypes}, got {v.dtype}")
+    if x_lo is not None:
+        if x is None:
+            raise ValueError("x_lo (the low plane of a split position) needs x, its high plane")
+        _check_vector("x_lo", x_lo, n, device)
+        if (x.dtype, x_lo.dtype, v.dtype) != (torch.bfloat16, torch.int16, torch.float32):
+            raise TypeError(f"a split position needs x bf16, x_lo int16 and v fp32, got "
+                            f"{x.dtype}, {x_lo.dtype} and {v.dtype}")
+        if compute is not None:
+            raise ValueError("a split position's high plane is the compute copy: pass compute=None")
     if x is not None:
         _check_vector("x", x, n, device)
-        if x.dtype != v.dtype:
+        if x_lo is None and x.dtype != v.dtype:
             raise TypeError(f"x must have the dtype of v ({v.dtype}), got {x.dtype}")
     _check_vector("g", g, n, device)
     if g.dtype not in grad_dtypes:
@@ -117,9 +151,14 @@ def fused_update_ref_(
     stream: int,
     offset: int = 0,
     noise: bool = True,
+    x_lo: torch.Tensor | None = None,
 ) -> None:
-    """In place: v <- alpha v + beta g + gamma n; x <- x + delta v; compute <- x (its dtype)."""
-    check_step_tensors(x, v, g, compute, state_dtypes=(torch.float32, torch.float64))
+    """In place: v <- alpha v + beta g + gamma n; x <- x + delta v; compute <- x (its dtype).
+
+    With x_lo, (x, x_lo) is a split fp32 position (`split_fp32`): joined, updated in fp32 exactly
+    as an fp32 x would be, and split again.
+    """
+    check_step_tensors(x, v, g, compute, state_dtypes=(torch.float32, torch.float64), x_lo=x_lo)
     check_noise_args(seed, step, stream, offset)
     check_coefficients(alpha=alpha, beta=beta, gamma=gamma, delta=delta)
     cd = _compute_dtype(v)
@@ -129,8 +168,13 @@ def fused_update_ref_(
         if noise:
             nc = philox_normals(seed, step, stream, offset + s, e - s, device=v.device).to(cd)
             vc = vc + gamma * nc
-        xc = x[s:e].to(cd) + delta * vc
+        xc = (x[s:e].to(cd) if x_lo is None else join_fp32(x[s:e], x_lo[s:e])) + delta * vc
         v[s:e].copy_(vc)
-        x[s:e].copy_(xc)
+        if x_lo is None:
+            x[s:e].copy_(xc)
+        else:
+            hi, lo = split_fp32(xc)
+            x[s:e].copy_(hi)
+            x_lo[s:e].copy_(lo)
         if compute is not None:
             compute[s:e].copy_(xc)  # round to nearest even in the compute dtype

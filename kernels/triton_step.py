@@ -2,7 +2,8 @@
 
 1. `reduce_sums`: read v, g, generate the noise n, return (vv, gg, vg, nn, nv, ng) in float64.
 2. `fused_update_`: regenerate the same n, v <- alpha v + beta g + gamma n, x <- x + delta v,
-   and write the low-precision compute copy of x.
+   and write the low-precision compute copy of x; or, for a split fp32 position (x_lo given,
+   reference.split_fp32), join its bf16 high and int16 low planes, update, split again.
 
 References: `reference.py` (`reduce_sums_ref`, `fused_update_ref_`); noise: `philox.py`.
 
@@ -89,11 +90,16 @@ def _reduce_sums_kernel(
 
 @triton.jit(do_not_specialize=_NOISE_ARGS)
 def _fused_update_kernel(
-    x_ptr, v_ptr, g_ptr, c_ptr, N, alpha, beta, gamma, delta, seed, step, stream, offset,
-    NOISE: tl.constexpr, HAS_COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, N, alpha, beta, gamma, delta, seed, step, stream, offset,
+    NOISE: tl.constexpr, HAS_COMPUTE: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     idx, mask, quad0 = _block_index(offset, N, BLOCK)
-    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if SPLIT:  # x_ptr: the high plane read as int16; the fp32 bits are hi * 2^16 + lo
+        hi = tl.load(x_ptr + idx, mask=mask, other=0).to(tl.int32)
+        lo = tl.load(lo_ptr + idx, mask=mask, other=0).to(tl.int32)
+        x = ((hi << 16) + lo).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     v = alpha * v + beta * g
@@ -101,7 +107,13 @@ def _fused_update_kernel(
         v += gamma * _normals_block(seed, step, stream, quad0, BLOCK // 4)
     x += delta * v
     tl.store(v_ptr + idx, v, mask=mask)
-    tl.store(x_ptr + idx, x, mask=mask)
+    if SPLIT:  # as reference.split_fp32: high half rounded half away from zero, signed remainder
+        bits = x.to(tl.int32, bitcast=True)
+        hi = (bits + 0x8000) >> 16
+        tl.store(x_ptr + idx, hi.to(tl.int16), mask=mask)
+        tl.store(lo_ptr + idx, (bits - (hi << 16)).to(tl.int16), mask=mask)
+    else:
+        tl.store(x_ptr + idx, x, mask=mask)
     if HAS_COMPUTE:
         tl.store(c_ptr + idx, x.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -166,14 +178,16 @@ def fused_update_(
     stream: int,
     offset: int = 0,
     noise: bool = True,
+    x_lo: torch.Tensor | None = None,
 ) -> None:
     """In place: v <- alpha v + beta g + gamma n; x <- x + delta v; compute <- x in its dtype.
 
     Arithmetic in fp32 (coefficients rounded to fp32); the compute copy is rounded from fp32 x.
+    With x_lo, (x, x_lo) is a split fp32 position (bf16 high plane, int16 low plane).
     """
     check_step_tensors(
         x, v, g, compute, state_dtypes=(torch.float32,),
-        grad_dtypes=_GRAD_DTYPES, compute_dtypes=_COMPUTE_DTYPES,
+        grad_dtypes=_GRAD_DTYPES, compute_dtypes=_COMPUTE_DTYPES, x_lo=x_lo,
     )
     check_noise_args(seed, step, stream, offset)
     check_coefficients(alpha=alpha, beta=beta, gamma=gamma, delta=delta)
@@ -181,9 +195,12 @@ def fused_update_(
     n = v.numel()
     if n == 0:
         return
+    split = x_lo is not None
     _fused_update_kernel[_grid(n, offset)](
-        x, v, g, x if compute is None else compute, n,
+        x.view(torch.int16) if split else x, x_lo if split else x, v, g,
+        x if compute is None else compute, n,
         float(alpha), float(beta), float(gamma), float(delta),
         seed, step & 0xFFFFFFFF, stream, offset,
-        NOISE=bool(noise), HAS_COMPUTE=compute is not None, BLOCK=BLOCK, num_warps=_NUM_WARPS,
+        NOISE=bool(noise), HAS_COMPUTE=compute is not None, SPLIT=split, BLOCK=BLOCK,
+        num_warps=_NUM_WARPS,
     )

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 
 from rtllm.flat import Shard
-from rtllm.kernels.reference import split_fp32
+from rtllm.kernels.reference import join_fp32, split_fp32
 
 # torch backend: elements per noise chunk and per work item. Small enough to stay in cache and
 # to keep torch.dot's serial fp32 accumulation short (~1e-6 relative error per partial sum).
@@ -167,10 +168,7 @@ class TorchBackend:
         if nz is not None:
             v.add_(nz, alpha=gamma)
         if delta != 0.0 and shard.x_lo is not None:  # fp32-split: the same fp32 add, re-split
-            x = shard.position(sl).add_(v, alpha=delta)
-            hi, lo = split_fp32(x)
-            shard.x[sl].copy_(hi)
-            shard.x_lo[sl].copy_(lo)
+            _split_add_(shard.x[sl], shard.x_lo[sl], v, delta)
         elif delta != 0.0:
             shard.x[sl].add_(v, alpha=delta)
             if shard.compute is not None:
@@ -182,6 +180,29 @@ class TorchBackend:
         if scale != 1.0:  # in large slices, for the reason given in update()
             for start in range(0, shard.numel, UPDATE_SLICE):
                 shard.v[start : start + UPDATE_SLICE].mul_(scale)
+
+
+def _split_add_(hi: Tensor, lo: Tensor, v: Tensor, delta: float) -> None:
+    """(hi, lo) <- split_fp32(join_fp32(hi, lo) + delta * v), bit for bit, in 7 passes.
+
+    On a little-endian machine an int32 is its low int16 then its high int16, so interleaving
+    the planes builds the fp32 bits in one copy, and the halves of the rounded result are
+    strided views: ~4x faster on CPU than composing the reference's join and split. With
+    lo = r - 2^15 (r the unsigned low half), r = lo ^ 0x8000 and lo = r' ^ 0x8000 in int16.
+    """
+    if sys.byteorder != "little":
+        hi_new, lo_new = split_fp32(join_fp32(hi, lo).add_(v, alpha=delta))
+        hi.copy_(hi_new)
+        lo.copy_(lo_new)
+        return
+    bits = torch.stack([torch.bitwise_xor(lo, -32768), hi.view(torch.int16)], dim=-1)
+    bits = bits.view(torch.int32).view(-1)
+    bits.sub_(0x8000)  # now the fp32 position's bits
+    bits.view(torch.float32).add_(v, alpha=delta)
+    bits.add_(0x8000)  # the high half rounded to nearest, ties away from zero
+    halves = bits.view(torch.int16).view(-1, 2)
+    hi.view(torch.int16).copy_(halves[:, 1])
+    torch.bitwise_xor(halves[:, 0], -32768, out=lo)
 
 
 class _PhiloxBackend:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from rtllm.config import DEFAULT_LOSS_TOLERANCE, SampleConfig
+from rtllm.layouts import LAYOUTS
 
 
 def _dt(text: str) -> float | str:
@@ -51,6 +52,9 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--checkpoint-every", type=int, help="steps between checkpoints (default: about every 10 minutes)")
     a("--sample-dtype", choices=["compute", "fp32"], default="compute", help="store samples in the compute "
       "dtype (bf16 on GPU) or as fp32 master weights (%(default)s)")
+    a("--layout", choices=sorted(LAYOUTS), default=d["layout"].default, help="sampler state layout: fp32, "
+      "or fp32-split: the same chain in 10 instead of 12 bytes/parameter, the model computing in "
+      "bf16 (docs/precision.md) (%(default)s)")
     a("--seed", type=int, default=0, help="seed of the chain (%(default)s); chain k > 0 derives its own "
       "from (seed, k)")
     a("--chain", type=int, help="chain id K: write OUT/chains/chain-K (several chains, one ensemble; see "
@@ -78,7 +82,7 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
         micro_batch=args.micro_batch, seq_len=args.seq_len, refresh_rate=args.refresh_rate,
         params=args.params, ray_per=args.ray_per, reject_threshold=args.reject_threshold,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-        sample_dtype=args.sample_dtype, seed=args.seed, device=args.device,
+        sample_dtype=args.sample_dtype, layout=args.layout, seed=args.seed, device=args.device,
         deterministic=args.deterministic, sampler=args.sampler, L=args.L,
         tune_phases=tuple(args.tune_phases) if args.tune_phases else None, init=args.init)
 

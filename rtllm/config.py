@@ -37,6 +37,9 @@ class SampleConfig:
     log_every: int = 10
     checkpoint_every: int | None = None  # steps; None: about every 10 minutes of run time
     sample_dtype: str = "compute"
+    # State layout (rtllm.layouts): "fp32", or "fp32-split" (the same chain in 10 instead of 12
+    # bytes/parameter; the model then computes in bf16, also on CPU). docs/precision.md.
+    layout: str = "fp32"
     seed: int = 0
     device: str = "auto"
     deterministic: bool = False
@@ -97,9 +100,15 @@ class SampleConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")
 
+        from rtllm.layouts import get_layout
+
+        get_layout(self.layout)
         if self.sampler not in ("ray", "mclmc"):
             raise ValueError(f"--sampler must be ray or mclmc, got {self.sampler!r}")
         if self.sampler == "mclmc":
+            if self.layout != "fp32":
+                raise ValueError(f"--layout {self.layout} works with --sampler ray; MCLMC needs "
+                                 f"--layout fp32")
             self._check_mclmc(positive_float)
         elif self.tune_phases is not None or self.L != "auto":
             raise ValueError("--L and --tune-phases are MCLMC settings; pass --sampler mclmc")

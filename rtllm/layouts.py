@@ -25,6 +25,9 @@ class Layout:
     gradient: int | None
     position_serves_compute: int | None
     description: str
+    # The one compute dtype (torch dtype name) the layout works with; None: any. The sampler
+    # refuses other parameter dtypes, so a planner should skip the layout for them.
+    compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
         for field in ("position", "velocity"):
@@ -48,6 +51,15 @@ LAYOUTS: dict[str, Layout] = {
         description="fp32 position and velocity, gradient and compute copy in the compute dtype "
                     "(12 B/param with bf16 compute; on an fp32 model the position is the compute "
                     "copy: 12 B/param with an fp32 gradient)"),
+    # docs/precision.md: the bit pattern of the fp32 position cut into two 16-bit planes; the
+    # high one, rounded to nearest, is the bf16 model's weights. Bit-exact fp32, so the same
+    # chain as "fp32", without the separate compute copy.
+    "fp32-split": Layout(
+        name="fp32-split", position=4, velocity=4, gradient=None, position_serves_compute=2,
+        compute_dtype="bfloat16",
+        description="fp32 position stored as a bf16 high plane (the model's weights) and an int16 "
+                    "low plane, fp32 velocity, bf16 gradient: 10 B/param, the fp32 chain "
+                    "bit for bit; bf16 models only"),
 }
 DEFAULT_LAYOUT = "fp32"
 

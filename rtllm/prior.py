@@ -32,7 +32,8 @@ class GaussianPrior:
         for shard, center in zip(shards, self._centers):
             for start in range(0, shard.numel, _CHUNK):
                 sl = slice(start, start + _CHUNK)
-                yield shard, sl, (shard.x[sl] if center is None else shard.x[sl] - center[sl].float())
+                x = shard.position(sl)  # fp32 in every layout (rtllm.flat)
+                yield shard, sl, (x if center is None else x - center[sl].float())
 
     def add_gradient_(self, shards: list[Shard], scale_likelihood: float) -> None:
         """g += (x - center) / (sigma^2 * S)."""

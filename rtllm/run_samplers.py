@@ -26,7 +26,7 @@ MCLMC_START_STEP = 0.03
 def build_sampler(cfg: SampleConfig, sampled: list, scale: float, seed: int):
     groups = param_groups_for(sampled, cfg.ray_per)
     common = dict(scale_likelihood=scale, seed=seed, ray="model" if cfg.ray_per == "model" else "group",
-                  prior_scale=cfg.prior_scale, prior_center=cfg.prior_center)
+                  prior_scale=cfg.prior_scale, prior_center=cfg.prior_center, layout=cfg.layout)
     if cfg.sampler == "mclmc":
         dim = sum(p.numel() for _, p in sampled)
         return MCLMC(groups, step_size=MCLMC_START_STEP if cfg.dt == "auto" else float(cfg.dt),

@@ -462,7 +462,7 @@ def test_other_bad_input():
         opt.L = 0.0
     with pytest.raises(ValueError, match="step_size must be"):
         opt.step_size = -1.0
-    with pytest.raises(ValueError, match="closure or loss=, not both"):
+    with pytest.raises(ValueError, match="closure or loss=/end_loss=, not both"):
         opt.step(lambda: model.loss(), loss=1.0)
     with pytest.raises(ValueError, match="one value per chain"):
         MCLMCChains(gaussian_log_prob, gaussian_x0(2), step_size=[0.1, 0.2, 0.3], L=1.0)
