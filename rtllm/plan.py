@@ -181,8 +181,13 @@ def plan_memory(config, *, batch: int, seq: int, layout: str = DEFAULT_LAYOUT, d
     if sample_dtype not in ("compute", "fp32"):
         raise ValueError(f"sample_dtype must be 'compute' or 'fp32', got {sample_dtype!r}")
     cuda = _device_kind(device) == "cuda"
-    dtype = _compute_dtype(compute_dtype, cuda)
     lay = get_layout(layout)
+    # A layout tied to one compute dtype (fp32-split: bf16) makes the run compute in it, on
+    # CPU too (rtllm sample loads the model so); another dtype asked for explicitly is an error.
+    dtype = _compute_dtype(compute_dtype if compute_dtype is not None else lay.compute_dtype, cuda)
+    if lay.compute_dtype is not None and dtype != _compute_dtype(lay.compute_dtype, cuda):
+        raise ValueError(f"layout {lay.name} needs {lay.compute_dtype} compute, got {dtype}; "
+                         f"drop the compute dtype or choose another layout")
     if isinstance(config, ModelShape) and (sampled_params is not None or ray_per != "model"):
         raise ValueError("a ModelShape fixes the sampled parameters and groups: pass sampled_params "
                          "and ray_per to model_shape() instead")
@@ -200,7 +205,9 @@ def plan_memory(config, *, batch: int, seq: int, layout: str = DEFAULT_LAYOUT, d
     core = {WEIGHTS: per["compute copy"] * D + a * (shape.frozen + shape.buffers),
             POSITION: per["position"] * D, VELOCITY: per["velocity"] * D, GRADIENTS: per["gradient"] * D}
     # rtllm.prior keeps the start in the compute copy's dtype, or in x's when x is that copy.
-    prior = (a if per["compute copy"] else per["position"]) * D if prior_center == "start" else 0
+    # The saved start is a clone of the weights the model computes with (rtllm.prior): the compute
+    # copy, the fp32 position on an fp32 model, or fp32-split's bf16 high plane.
+    prior = a * D if prior_center == "start" else 0
     backup = (per["position"] + per["velocity"]) * D
     if undo_backup == "auto":  # SamplingRun._backup_fits, with the memory the state leaves free
         used = sum(core.values()) + prior + (CUDA_CONTEXT_BYTES if cuda else 0)
@@ -264,7 +271,11 @@ def plan_all_layouts(config, **kwargs) -> list[MemoryPlan]:
         config = model_shape(config, params=kwargs.pop("sampled_params", None),
                              ray_per=kwargs.pop("ray_per", "model"))
     kwargs.pop("layout", None)
-    return [plan_memory(config, layout=name, **kwargs) for name in LAYOUTS]
+    asked = kwargs.get("compute_dtype")
+    asked = None if asked is None else str(_compute_dtype(asked, True)).removeprefix("torch.")
+    # A layout tied to another compute dtype than the one asked for cannot run it: not planned.
+    return [plan_memory(config, layout=name, **kwargs) for name, lay in LAYOUTS.items()
+            if asked is None or lay.compute_dtype in (None, asked)]
 
 
 def kernel_partials_bytes(shards, backend: str, *, cuda: bool = False) -> int:

@@ -271,3 +271,25 @@ def test_cli_unparsable_memory_size(capsys):
         main(["plan", "--model", "gpt2", "--gpu-mem", "lots"])
     assert exc.value.code == 2
     assert "cannot read 'lots' as a memory size" in capsys.readouterr().err
+
+
+def test_split_layout_components_equal_the_samplers_buffers(tiny_model_dir):
+    """fp32-split: no compute copy (the bf16 high plane is the weights), a bf16 saved start."""
+    model, _ = load_model_and_tokenizer(tiny_model_dir, dtype=torch.bfloat16)
+    plan = plan_memory(model.config, batch=2, seq=16, device="cpu", layout="fp32-split",
+                       prior_center="start")
+    assert plan.compute_dtype == "bfloat16"  # the layout sets it, on CPU too
+    sampled, _ = select_parameters(model, None)
+    sampler = RayTracer(param_groups_for(sampled, "model"), dt=1e-3, prior_scale=1.0,
+                        prior_center="start", layout="fp32-split")
+    shards = sampler.shards
+    p = plan.persistent
+    assert all(s.compute is None for s in shards)
+    assert p[POSITION] == sum(s.x.nbytes + s.x_lo.nbytes for s in shards)
+    assert p[VELOCITY] == sum(s.v.nbytes for s in shards)
+    assert p[GRADIENTS] == sum(s.g.nbytes for s in shards)
+    assert p[WEIGHTS] == sum(b.nbytes for b in model.buffers())  # no separate compute copy
+    assert p[PRIOR] == sum(c.nbytes for c in sampler.prior.state_dict()["centers"])
+    with pytest.raises(ValueError, match="needs bfloat16"):
+        plan_memory(model.config, batch=2, seq=16, device="cpu", layout="fp32-split",
+                    compute_dtype=torch.float32)
