@@ -23,13 +23,7 @@ D = 200
 SIGMA = torch.linspace(0.5, 2.0, D, dtype=torch.float64)  # the issue's 200-d Gaussian
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one intra-op thread is fastest on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ ESH kick

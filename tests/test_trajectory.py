@@ -26,15 +26,7 @@ F64 = torch.float64
 Z_MAX = 4.5  # per statistic; see the module docstring for its sigma
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The chains' tensors are small: one intra-op thread is fastest, and on a busy 2-core
-    machine two threads contend badly (measured: a sum over [128, 1000] float64 took 23 ms
-    with 2 threads under load, 0.16 ms with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(log_prob, x0, **kw):
