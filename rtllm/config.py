@@ -103,6 +103,10 @@ class SampleConfig:
         from rtllm.layouts import get_layout
 
         get_layout(self.layout)
+        if self.layout == "fp32-split" and self.sample_dtype == "fp32":
+            raise ValueError("--sample-dtype fp32 with --layout fp32-split is not supported (the "
+                             "position's two planes are not one fp32 tensor to export): use "
+                             "--sample-dtype compute, or --layout fp32")
         if self.sampler not in ("ray", "mclmc"):
             raise ValueError(f"--sampler must be ray or mclmc, got {self.sampler!r}")
         if self.sampler == "mclmc":

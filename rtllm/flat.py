@@ -31,6 +31,7 @@ from torch import Tensor
 from rtllm.kernels.reference import join_fp32, split_fp32
 
 MAX_SHARD_ELEMENTS = 2**31 - 1  # int32 indexing limit of many kernels and libraries
+_SPLIT_SLICE = 2**22  # elements per slice when joining / splitting fp32-split planes
 
 
 @dataclass
@@ -54,7 +55,13 @@ class Shard:
         """The fp32 position (of elements `sl`): x itself (a copy if `copy`), or joined planes."""
         if self.x_lo is None:
             return self.x[sl].clone() if copy else self.x[sl]
-        return join_fp32(self.x[sl], self.x_lo[sl])
+        hi, lo = self.x[sl], self.x_lo[sl]
+        out = torch.empty(hi.shape, dtype=torch.float32, device=hi.device)
+        # In slices: joining a whole shard at once would make int32 temporaries of 8 bytes/param.
+        for start in range(0, hi.numel(), _SPLIT_SLICE):
+            part = slice(start, start + _SPLIT_SLICE)
+            out[part] = join_fp32(hi[part], lo[part])
+        return out
 
     def set_position(self, value: Tensor) -> None:
         """Write the whole fp32 position and whatever mirrors it (compute copy or split planes)."""
@@ -63,9 +70,11 @@ class Shard:
             if self.compute is not None:
                 self.compute.copy_(self.x)
         else:
-            hi, lo = split_fp32(value.to(device=self.x.device, dtype=torch.float32).contiguous())
-            self.x.copy_(hi)
-            self.x_lo.copy_(lo)
+            for start in range(0, self.numel, _SPLIT_SLICE):  # in slices, as in position()
+                part = slice(start, start + _SPLIT_SLICE)
+                hi, lo = split_fp32(value[part].to(device=self.x.device, dtype=torch.float32).contiguous())
+                self.x[part].copy_(hi)
+                self.x_lo[part].copy_(lo)
 
 
 @dataclass

@@ -58,8 +58,9 @@ LAYOUTS: dict[str, Layout] = {
         name="fp32-split", position=4, velocity=4, gradient=None, position_serves_compute=2,
         compute_dtype="bfloat16",
         description="fp32 position stored as a bf16 high plane (the model's weights) and an int16 "
-                    "low plane, fp32 velocity, bf16 gradient: 10 B/param, the fp32 chain "
-                    "bit for bit; bf16 models only"),
+                    "low plane, fp32 velocity, bf16 gradient: 10 B/param, the fp32 position "
+                    "update bit for bit (its bf16 weights round ties away from zero, the fp32 layout's "
+                    "to even: 1 element in 65536 differs by one bf16 ulp); bf16 models only"),
 }
 DEFAULT_LAYOUT = "fp32"
 

@@ -9,7 +9,8 @@
 
 Under torchrun, rank r handles members r, r + W, r + 2W, ...; without it one process handles
 them all in turn. Every stage resumes: a finished member is reused, a chain continues from its
-checkpoint. Layout: DIR/members/member-K (save_pretrained directories), DIR/chains/, DIR/ensemble.json.
+last checkpoint. The MCLMC tuning at the start of a chain's burn-in writes no checkpoint: a run
+killed during it tunes again from the chain's start (deterministically, to the same result). Layout: DIR/members/member-K (save_pretrained directories), DIR/chains/, DIR/ensemble.json.
 
 The paper uses full-batch gradients; here the gradient is a minibatch one (the full batch of
 an LM corpus does not fit a step), so the energy-based tuning sees minibatch noise too. That

@@ -106,7 +106,8 @@ def fit_hints(shape: ModelShape, plan: MemoryPlan, kwargs: dict) -> tuple[str, .
     if DT_TRIALS in plan.transients:
         tries.append(("a fixed --dt (no device copy of x and v for the dt trials)", dict(dt_auto=False)))
     if plan.persistent.get(UNDO):
-        tries.append(("--undo no", dict(undo_backup=False)))
+        tries.append(("no undo copy (rtllm sample makes one only with room for it; plan --undo no)",
+                      dict(undo_backup=False)))
     if BUILD in plan.transients:
         tries.append(("the model built on the meta device (rtllm.model_io.meta_model)", dict(from_meta=True)))
     micro = plan.micro_batch

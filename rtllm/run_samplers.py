@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from rtllm.config import SampleConfig
@@ -49,16 +50,19 @@ def tune_in_burn_in(cfg: SampleConfig, sampler: MCLMC, next_loss: Callable[[], t
     from rtllm.mclmc_tune import tune_mclmc
 
     p1, p2, p3 = cfg.mclmc_phases
+    if cfg.L != "auto":  # L given: tune the step size for it; phases II and III would only tune L
+        p2 = p3 = 0
     say(f"tuning MCLMC (MILE phases {p1}/{p2}/{p3} full steps, {2 * (p1 + p2 + p3)} gradients of "
         f"the burn-in) from step size {sampler.step_size:.3g}, L {sampler.L:.3g}")
-    eps, L, info = tune_mclmc(sampler, next_loss, phase1=p1, phase2=p2, phase3=p3, seed=cfg.seed)
+    eps, L, info = tune_mclmc(sampler, next_loss, phase1=p1, phase2=p2, phase3=p3, seed=cfg.seed,
+                              initial_L=None if cfg.L == "auto" else float(cfg.L))
     if cfg.dt != "auto":
         eps = float(cfg.dt)
     if cfg.L != "auto":
         L = float(cfg.L)
     sampler.step_size, sampler.L = eps, L
-    energy = info.energy_change[-max(1, p2):]
-    finite = energy[torch.isfinite(torch.as_tensor(energy))] if energy.size else energy
+    energy = np.asarray(info.energy_change[-max(1, p2):], dtype=np.float64)
+    finite = energy[np.isfinite(energy)]
     record = {"type": "mclmc_tune", "step_size": eps, "L": L, "phases": [p1, p2, p3],
               "L_phase2": float(info.L_phase2.reshape(-1)[0]), "L_phase3": float(info.L_phase3.reshape(-1)[0]),
               "divergences": int(info.divergences.sum()),

@@ -334,7 +334,9 @@ class SamplingRun:
 
         bar = tqdm(total=cfg.steps, initial=st["step"], desc="sampling", dynamic_ncols=True,
                    disable=not os.isatty(2))
-        while st["step"] < cfg.steps:
+        # An MCLMC sample waits for its full step's end when a divergence restarted a step off the
+        # even grid (MCLMC._diverge): the run then takes one gradient more for it.
+        while st["step"] < cfg.steps or st.get("sample_due") is not None:
             t = st["step"]
             t0 = time.perf_counter()
             loss, tokens = self._loss_and_grad_on_device(self._next_batch())
@@ -369,18 +371,23 @@ class SamplingRun:
                 st["prev_loss"] = loss
                 record.update(self.sampler.last_info, ln_luminosity=self.sampler.ln_luminosity)
             st["step"] = t + 1
-            is_sample = t >= cfg.burn_in and (t - cfg.burn_in + 1) % cfg.thin == 0
-            need_heldout = is_sample or t % cfg.log_every == 0 or t + 1 == cfg.steps
+            is_sample = t < cfg.steps and t >= cfg.burn_in and (t - cfg.burn_in + 1) % cfg.thin == 0
+            sample_t = None
+            off_grid = cfg.sampler == "mclmc" and self.sampler.phase != "start"
+            if is_sample and off_grid:
+                st["sample_due"] = t
+            elif is_sample:
+                sample_t = t
+            elif st.get("sample_due") is not None and not off_grid:
+                sample_t, st["sample_due"] = st["sample_due"], None
+            need_heldout = sample_t is not None or t % cfg.log_every == 0 or t + 1 == cfg.steps
             if need_heldout:
                 record["heldout_loss"] = self.heldout_loss()
             if t % cfg.log_every == 0 or t + 1 == cfg.steps:
                 self._log_probe(t)
-            if is_sample:
-                if cfg.sampler == "mclmc" and self.sampler.phase != "start":
-                    raise RuntimeError(f"MCLMC sample at step {t} is not at a full-step boundary (even "
-                                       f"burn-in and thin should guarantee it): please report this")
-                index = (t - cfg.burn_in + 1) // cfg.thin - 1
-                masked = any(t - cfg.thin < f <= t for f in st["flagged"])
+            if sample_t is not None:
+                index = (sample_t - cfg.burn_in + 1) // cfg.thin - 1
+                masked = any(sample_t - cfg.thin < f <= t for f in st["flagged"])
                 self.writer.submit(index=index, chain=cfg.chain, step=t + 1, loss=loss,
                                    heldout_loss=record["heldout_loss"], masked=masked)
             record["tokens_per_s"] = tokens / (time.perf_counter() - t0)

@@ -96,3 +96,41 @@ def test_bad_member_count(tmp_path):
     s = SampleConfig(model="m", train=("t",), out=str(tmp_path), **SAMPLING)
     with pytest.raises(ValueError, match="members"):
         MileConfig(members=0, sampling=s)
+
+
+def test_mclmc_divergence_in_the_loop_keeps_every_sample(tiny_model_dir, train_file, tmp_path, monkeypatch):
+    """A divergence at a step's start call restarts the full step one gradient later, off the even
+    grid: the samples due then wait for their step's end instead of being lost or crashing."""
+    from rtllm.sampling import SamplingRun
+
+    original = SamplingRun._loss_and_grad_on_device
+
+    def nan_at_20(self, cursor):
+        loss, tokens = original(self, cursor)
+        return (loss * float("nan") if self.state["step"] == 20 else loss), tokens
+
+    monkeypatch.setattr(SamplingRun, "_loss_and_grad_on_device", nan_at_20)
+    out = tmp_path / "div"
+    cfg = SampleConfig(model=str(tiny_model_dir), train=(str(train_file),), out=str(out), **SAMPLING)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        sample(cfg, log=lambda _m: None)
+    entries = Ensemble(out).entries
+    assert [e["index"] for e in entries] == [0, 1]
+    assert [e["step"] for e in entries] == [25, 29]  # one gradient later than 24 and 28
+    steps = [r for r in _log(out / "log-chain-000.jsonl") if r["type"] == "step"]
+    assert len(steps) == 9  # 8 sampling gradients + the one the last sample waited for
+
+
+def test_split_layout_cannot_export_fp32_master_weights(tmp_path):
+    with pytest.raises(ValueError, match="sample-dtype fp32 with --layout fp32-split"):
+        SampleConfig(model="m", train=("t",), out=str(tmp_path), layout="fp32-split", sample_dtype="fp32")
+
+
+def test_given_L_is_kept_and_only_the_step_size_is_tuned(tiny_model_dir, train_file, tmp_path):
+    out = tmp_path / "fixedL"
+    cfg = SampleConfig(model=str(tiny_model_dir), train=(str(train_file),), out=str(out),
+                       **{**SAMPLING, "L": 7.5})
+    sample(cfg, log=lambda _m: None)
+    tune = [r for r in _log(out / "log-chain-000.jsonl") if r["type"] == "mclmc_tune"][0]
+    assert tune["L"] == 7.5 and tune["phases"] == [6, 0, 0]
+    assert json.loads((out / "ensemble.json").read_text())["config"]["L"] == 7.5
