@@ -50,6 +50,9 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--log-every", type=int, default=d["log_every"].default, help="held-out loss and probe every N steps "
       "(%(default)s)")
     a("--checkpoint-every", type=int, help="steps between checkpoints (default: about every 10 minutes)")
+    a("--activation-checkpoint-every", type=int, default=d["activation_checkpoint_every"].default,
+      help="recompute the activations of blocks 0, K, 2K, ... only: faster, more memory (%(default)s: "
+      "every block; `rtllm plan` takes the same option)")
     a("--sample-dtype", choices=["compute", "fp32"], default="compute", help="store samples in the compute "
       "dtype (bf16 on GPU) or as fp32 master weights (%(default)s)")
     a("--layout", choices=sorted(LAYOUTS), default=d["layout"].default, help="sampler state layout: fp32, "
@@ -82,7 +85,8 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
         micro_batch=args.micro_batch, seq_len=args.seq_len, refresh_rate=args.refresh_rate,
         params=args.params, ray_per=args.ray_per, reject_threshold=args.reject_threshold,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-        sample_dtype=args.sample_dtype, layout=args.layout, seed=args.seed, device=args.device,
+        sample_dtype=args.sample_dtype, activation_checkpoint_every=args.activation_checkpoint_every,
+        layout=args.layout, seed=args.seed, device=args.device,
         deterministic=args.deterministic, sampler=args.sampler, L=args.L,
         tune_phases=tuple(args.tune_phases) if args.tune_phases else None, init=args.init)
 

@@ -155,7 +155,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
       "or a number (%(default)s)")
     a("--undo", choices=["auto", "yes", "no"], default="auto", help="the copy of x and v that undoes a "
       "rejected step: 'auto' takes it, as rtllm sample does, when free memory exceeds twice its size")
-    a("--checkpoint-every", type=int, default=1, help="activation checkpointing of every k-th block (%(default)s)")
+    a("--activation-checkpoint-every", type=int, default=1, help="activation checkpointing of every k-th "
+      "block, as `rtllm sample --activation-checkpoint-every` (%(default)s)")
     a("--sample-dtype", choices=["compute", "fp32"], default="compute", help="as rtllm sample (%(default)s)")
 
 
@@ -172,7 +173,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     shape = model_shape(config, params=args.params, ray_per=args.ray_per, name=args.model)
     kwargs = dict(batch=args.batch, seq=args.seq or context, device=args.device,
                   micro_batch=args.micro_batch, prior_center=args.prior_center,
-                  gpu_mem_bytes=args.gpu_mem, checkpoint_every=args.checkpoint_every,
+                  gpu_mem_bytes=args.gpu_mem, checkpoint_every=args.activation_checkpoint_every,
                   dt_auto=args.dt == "auto", sample_dtype=args.sample_dtype,
                   undo_backup={"auto": "auto", "yes": True, "no": False}[args.undo])
     plans = plan_all_layouts(shape, **kwargs)

@@ -64,7 +64,7 @@ class SamplingRun:
         self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype, device=self.device)
         if cfg.init:
             load_init_weights(self.model, cfg.init)
-        prepare_for_sampling(self.model)
+        prepare_for_sampling(self.model, checkpoint_every=cfg.activation_checkpoint_every)
         self.data = TokenData.from_texts(self.tokenizer, read_texts(cfg.train),
                                          heldout=read_texts(cfg.heldout) if cfg.heldout else None,
                                          seq_len=cfg.seq_len, context=context_length(self.model))

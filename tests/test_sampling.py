@@ -228,3 +228,22 @@ def test_loss_jumps_are_undone_or_flagged(model_dir, train_file, tmp_path, monke
         assert any(not torch.equal(a, s.x) for a, s in zip(start, run.sampler.shards))
     masked = [e["masked"] for e in Ensemble(tmp_path / "out").entries]
     assert any(masked) == (not room_to_undo)
+
+
+def test_activation_checkpoint_every_reaches_the_model(tiny_model_dir, tmp_path):
+    """`--activation-checkpoint-every 2`: blocks 0, 2, ... recompute their activations, 1, 3, ... keep them."""
+    text = tmp_path / "t.txt"
+    text.write_text(corpus_text(6_000))
+    from rtllm.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["sample", "--model", str(tiny_model_dir), "--train", str(text), "--out",
+                                      str(tmp_path / "o"), "--activation-checkpoint-every", "2", "--dt", "1e-3",
+                                      "--steps", "2", "--burn-in", "0", "--thin", "1", "--batch-size", "2",
+                                      "--seq-len", "16"])
+    cfg = config_from_args(args)
+    assert cfg.activation_checkpoint_every == 2
+    run = SamplingRun(cfg, log=lambda _m: None)
+    flags = [block.gradient_checkpointing for block in run.model.transformer.h]
+    assert flags == [i % 2 == 0 for i in range(len(flags))]
+    with pytest.raises(ValueError, match="activation-checkpoint-every"):
+        SampleConfig(model="m", train=("t",), out="o", activation_checkpoint_every=0)
