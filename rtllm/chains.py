@@ -144,6 +144,30 @@ def handshake(settings: dict, launch: Launch, error: str | None) -> None:
                              f"from the rank): fix the launch command")
 
 
+def start_ranks(out: Path, launch: Launch | None, settings: dict, *, resume: bool, overwrite: bool,
+                check: Callable[[bool, bool], None] | None = None) -> tuple[bool, bool]:
+    """What every rank does before writing anything; returns the (resume, overwrite) to use.
+
+    A group torchrun restarted after a failure resumes every chain from its checkpoint. `out`
+    must be fit for chains (and pass `check(resume, overwrite)`); under torchrun the ranks then
+    meet in the one handshake, so a rank that cannot start stops them all with its error.
+    """
+    if launch is not None and launch.restart_count > 0:
+        resume, overwrite = True, False
+    error = None
+    try:
+        check_ensemble_dir(out)
+        if check is not None:
+            check(resume, overwrite)
+    except ValueError as e:
+        error = str(e)
+    if launch is not None:
+        handshake({**settings, "resume": resume, "overwrite": overwrite}, launch, error)
+    elif error:
+        raise ValueError(error)
+    return resume, overwrite
+
+
 def rank_device(device: str, launch: Launch | None) -> str:
     """One GPU per rank (cuda:LOCAL_RANK) when the device is 'auto' or 'cuda' and CUDA exists."""
     import torch
@@ -171,19 +195,8 @@ def run_sample(cfg: SampleConfig, *, first_chain: int | None = None, resume: boo
                                     or first_chain < 0):
         raise ValueError(f"--chain must be an integer >= 0, got {first_chain!r}")
     first = first_chain or 0
-    if launch is not None and launch.restart_count > 0:
-        # torchrun restarted the group after a failure: every chain continues from its checkpoint.
-        resume, overwrite = True, False
-    try:
-        error = None
-        check_ensemble_dir(out)
-    except ValueError as e:
-        error = str(e)
-    if launch is not None:
-        settings = {**cfg.to_json(), "first_chain": first, "resume": resume, "overwrite": overwrite}
-        handshake(settings, launch, error)
-    elif error:
-        raise ValueError(error)
+    resume, overwrite = start_ranks(out, launch, {**cfg.to_json(), "first_chain": first}, resume=resume,
+                                    overwrite=overwrite)
     chain = first + (launch.rank if launch else 0)
     ccfg = dataclasses.replace(cfg, chain=chain, out=str(chain_dir(out, chain)),
                                device=rank_device(cfg.device, launch))

@@ -66,7 +66,7 @@ def run_mile(cfg: MileConfig, *, resume: bool = False, overwrite: bool = False,
     """Train this process's members, sample each, merge; returns the ensemble directory."""
     import torch
 
-    from rtllm.chains import Launch, chain_dir, check_ensemble_dir, handshake, merge, rank_device, run_chain
+    from rtllm.chains import Launch, chain_dir, merge, rank_device, run_chain, start_ranks
     from rtllm.data import TokenData, context_length, read_texts
     from rtllm.model_io import load_tokenizer, resolve_device
     from rtllm.presets import config_for
@@ -74,20 +74,14 @@ def run_mile(cfg: MileConfig, *, resume: bool = False, overwrite: bool = False,
     s = cfg.sampling
     out = s.out_dir
     launch = Launch.from_env()
-    if launch is not None and launch.restart_count > 0:
-        resume, overwrite = True, False
-    error = None
-    try:
-        check_ensemble_dir(out)
+
+    def holds_no_other_run(resume: bool, overwrite: bool) -> None:
         if out.is_dir() and any(out.iterdir()) and not (resume or overwrite) and \
                 not (out / MEMBERS).is_dir():
             raise ValueError(f"--out {out} is not empty and holds no MILE run; choose another directory")
-    except ValueError as e:
-        error = str(e)
-    if launch is not None:
-        handshake({"mile": dataclasses.asdict(cfg), "resume": resume, "overwrite": overwrite}, launch, error)
-    elif error:
-        raise ValueError(error)
+
+    resume, overwrite = start_ranks(out, launch, {"mile": dataclasses.asdict(cfg)}, resume=resume,
+                                    overwrite=overwrite, check=holds_no_other_run)
     device = resolve_device(rank_device(s.device, launch))
     log(f"MILE: {cfg.members} members; {MINIBATCH_WARNING}")
     mine = _my_members(cfg.members, launch)

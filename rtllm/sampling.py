@@ -232,8 +232,7 @@ class SamplingRun:
 
     @torch.no_grad()
     def _mean_loss(self, cursors) -> float:
-        losses = [float(lm_loss(self.model, s[:, :-1], s[:, 1:]))
-                  for s in (self.data.train[self.order.batch(c)].to(self.device) for c in cursors)]
+        losses = [float(self._batch_loss(c)) for c in cursors]
         return sum(losses) / len(losses)
 
     def _set_dt(self, dt: float) -> None:

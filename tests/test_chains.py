@@ -38,13 +38,6 @@ def single_process(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text(corpus_text(12_000, offset=30_000))
-    return path
-
-
 def config(model_dir, train_file, out, **kw) -> SampleConfig:
     base = dict(model=str(model_dir), train=(str(train_file),), out=str(out), steps=12, burn_in=4,
                 thin=4, dt=2e-3, batch_size=4, seq_len=16, log_every=2, checkpoint_every=4, seed=1)

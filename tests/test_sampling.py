@@ -27,13 +27,6 @@ def model_dir(tmp_path_factory) -> Path:
     return save_trained_tiny_model(tmp_path_factory.mktemp("model"))
 
 
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text(corpus_text(12_000, offset=30_000))
-    return path
-
-
 def config(model_dir, train_file, out, **kw) -> SampleConfig:
     base = dict(model=str(model_dir), train=(str(train_file),), out=str(out), steps=24, burn_in=8,
                 thin=4, dt=2e-3, batch_size=4, seq_len=16, log_every=4, seed=1)

@@ -1,8 +1,8 @@
 """A random tiny GPT-2 + byte-level BPE tokenizer saved as a Hugging Face directory, in ~1 s.
 
 For tests that need something `from_pretrained` can load, without the minute `pretrain` takes.
-Register the session fixture in conftest.py with
-`from tiny_gpt2 import tiny_model_dir  # noqa: F401`.
+Register the session fixtures in conftest.py with
+`from tiny_gpt2 import tiny_model_dir, train_file  # noqa: F401`.
 """
 from __future__ import annotations
 
@@ -80,3 +80,11 @@ def save_trained_tiny_model(dir: str | Path, *, steps: int = 150, seq_len: int =
         opt.step()
     model.save_pretrained(dir)
     return dir
+
+
+@pytest.fixture(scope="session")
+def train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 kB of the bundled corpus as a training text file (read-only for the tests)."""
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text(corpus_text(12_000, offset=30_000))
+    return path
