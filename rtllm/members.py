@@ -103,7 +103,7 @@ def train_member(model_dir: str | Path, data: TokenData, out_dir: Path, *, membe
     best = heldout_nll(model, data.heldout, device)
     start_nll, best_step, stale = best, 0, 0
     # The start competes too: if no evaluation beats it, the member is the start, not the last step.
-    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    best_state = _host_copy(model)
     history = [{"step": 0, "heldout_nll": best}]
     t0 = time.perf_counter()
     for step in range(1, settings.max_steps + 1):
@@ -118,15 +118,13 @@ def train_member(model_dir: str | Path, data: TokenData, out_dir: Path, *, membe
         nll = heldout_nll(model, data.heldout, device)
         history.append({"step": step, "heldout_nll": nll, "train_loss": float(loss.detach())})
         if nll < best:
-            # The best weights stay on the host: a copy on the GPU would double the model there.
             best, best_step, stale = nll, step, 0
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_state = _host_copy(model)
         else:
             stale += 1
             if stale >= settings.patience:
                 break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    model.load_state_dict(best_state)
     info = {"member": member, "seed": s, "start_heldout_nll": start_nll, "best_heldout_nll": best,
             "best_step": best_step, "steps_run": history[-1]["step"], "history": history,
             "settings": asdict(settings), "source": str(model_dir),
@@ -135,6 +133,11 @@ def train_member(model_dir: str | Path, data: TokenData, out_dir: Path, *, membe
         f"{info['steps_run']} steps, {info['seconds']:.0f} s)")
     _save_member(out_dir, model, tokenizer, info)
     return info
+
+
+def _host_copy(model: torch.nn.Module) -> dict:
+    """The weights on the host: a copy on the GPU would double the model there."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def _save_member(out_dir: Path, model, tokenizer, info: dict) -> None:
