@@ -345,7 +345,6 @@ class SamplingRun:
                 # samples after it): read the loss after the step, whose sync for the scalar rule
                 # has brought it over by then. One host sync per step instead of two.
                 loss = _HostScalar(loss)
-                self.writer.wait_snapshot()  # the update must not overwrite a sample mid-copy
                 self._sampler_step(loss)
             loss = float(loss)
             record = {"type": "step", "step": t, "loss": loss, "dt": st["dt"],
@@ -365,7 +364,6 @@ class SamplingRun:
                         bx.copy_(shard.position())
                         bv.copy_(shard.v)
                 if not stepped:
-                    self.writer.wait_snapshot()
                     self._sampler_step(loss)
                 st["prev_loss"] = loss
                 record.update(self.sampler.last_info, ln_luminosity=self.sampler.ln_luminosity)
@@ -403,6 +401,7 @@ class SamplingRun:
         bar.close()
 
     def _sampler_step(self, loss) -> None:
+        self.writer.wait_snapshot()  # the update must not overwrite a sample mid-copy
         if self.cfg.sampler == "mclmc":
             self.sampler.step(loss=loss)  # the loss tracks MCLMC's energy
         else:
