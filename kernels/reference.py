@@ -8,7 +8,7 @@ They are dtype-generic: with float64 state everything runs in float64 (the test 
 otherwise elementwise arithmetic is float32 and the sums are accumulated in float64.
 Work is chunked over <= 2^20 elements so no full-size temporaries are created.
 
-The "fp32-split" layout (rtllm.layouts) stores the fp32 position as two 16-bit planes: the high
+The "fp32-split" layout (rtllm.state.layouts) stores the fp32 position as two 16-bit planes: the high
 half of each bit pattern, rounded half away from zero, is a bf16 (the weights the model computes
 with, so no separate compute copy), and the low half is the signed int16 remainder. Joining them
 gives the fp32 bits back exactly, so the chain is the fp32 chain (docs/precision.md).

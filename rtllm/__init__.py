@@ -1,21 +1,35 @@
-"""rtllm: posterior samples of language-model weights with the ray tracing sampler."""
-from rtllm.mclmc import MCLMC
-from rtllm.mclmc_tune import TuneInfo, tune_mclmc
-from rtllm.samplers import HMC, SGLD, RayTracer
-from rtllm.trajectory import (MCLMCChains, MCLMCResult, TrajectoryResult, sample_mclmc,
-                              sample_trajectories)
+"""rtllm: posterior samples of language-model weights with the ray tracing sampler.
 
-# The LLM side imports transformers; load it on first use so `import rtllm` stays light.
-_LAZY = {"SampleConfig": "rtllm.config", "sample": "rtllm.sampling", "Ensemble": "rtllm.ensemble",
-         "load_sample": "rtllm.ensemble", "evaluate": "rtllm.evaluation"}
+The public API is loaded on first use, so `import rtllm` (and the `rtllm` command's --help)
+imports neither torch nor transformers. The package is laid out by role: docs/architecture.md.
+"""
+import importlib
 
-__all__ = ["RayTracer", "HMC", "SGLD", "MCLMC", "tune_mclmc", "TuneInfo", "MCLMCChains",
-           "MCLMCResult", "sample_mclmc", "sample_trajectories", "TrajectoryResult", *_LAZY]
+_API = {
+    # the sampler family (rtllm.samplers): torch optimizers over flat buffers, and their tuner
+    "RayTracer": "rtllm.samplers.optimizers", "HMC": "rtllm.samplers.optimizers",
+    "SGLD": "rtllm.samplers.optimizers", "MCLMC": "rtllm.samplers.mclmc",
+    "tune_mclmc": "rtllm.samplers.mclmc_tune", "TuneInfo": "rtllm.samplers.mclmc_tune",
+    # the trajectory form with a Metropolis test, vectorized over chains
+    "MCLMCChains": "rtllm.samplers.trajectory", "MCLMCResult": "rtllm.samplers.trajectory",
+    "sample_mclmc": "rtllm.samplers.trajectory", "sample_trajectories": "rtllm.samplers.trajectory",
+    "TrajectoryResult": "rtllm.samplers.trajectory",
+    # the LLM run, the stored ensemble and its evaluation
+    "SampleConfig": "rtllm.run.config", "sample": "rtllm.run.sampling",
+    "Ensemble": "rtllm.store.ensemble", "load_sample": "rtllm.store.ensemble",
+    "evaluate": "rtllm.evaluation.streaming",
+}
+
+__all__ = list(_API)
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value  # later look-ups skip this hook
+        return value
     raise AttributeError(f"module 'rtllm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

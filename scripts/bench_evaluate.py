@@ -1,7 +1,7 @@
 """Benchmark: ensemble evaluation against plain forward passes, and memory vs samples.
 
     python scripts/bench_evaluate.py                          # a synthetic 8-sample tiny ensemble
-    python scripts/bench_evaluate.py --ensemble rtllm-demo/ensemble --text rtllm/corpus/tempest.txt
+    python scripts/bench_evaluate.py --ensemble rtllm-demo/ensemble --text rtllm/lm/corpus/tempest.txt
 
 1. Throughput: `rtllm.evaluate` on all samples vs plain `model(ids).logits` passes of
    the same samples over the same windows. Sample loading (safetensors read + load_state_dict)
@@ -25,9 +25,9 @@ def synthetic_ensemble(out: Path, n_samples: int) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rtllm.pretrain import train_bpe_tokenizer
-    from rtllm.corpus import train_files
-    from rtllm.storage import SampleWriter
+    from rtllm.lm.pretrain import train_bpe_tokenizer
+    from rtllm.lm.corpus import train_files
+    from rtllm.store.writer import SampleWriter
 
     tok = train_bpe_tokenizer([train_files()[0].read_text()[:50_000]], 2048, max_length=128)
     torch.manual_seed(0)
@@ -49,8 +49,8 @@ def throughput(ensemble: Path, text: Path, seq_len: int) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from rtllm.ensemble import Ensemble
-    from rtllm.evaluation import evaluate, load_ensemble_tokenizer, make_windows
+    from rtllm.store.ensemble import Ensemble
+    from rtllm.evaluation.streaming import evaluate, load_ensemble_tokenizer, make_windows
 
     ens = Ensemble(ensemble)
     t0 = time.perf_counter()
@@ -75,7 +75,7 @@ def throughput(ensemble: Path, text: Path, seq_len: int) -> dict:
 
 
 def peak_rss(ensemble: Path, text: Path, seq_len: int, n: int) -> int:
-    code = ("import resource, sys; from rtllm.evaluation import evaluate; "
+    code = ("import resource, sys; from rtllm.evaluation.streaming import evaluate; "
             f"evaluate({str(ensemble)!r}, [{str(text)!r}], seq_len={seq_len}, max_samples={n}); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    from rtllm.corpus import heldout_files
+    from rtllm.lm.corpus import heldout_files
 
     text = args.text or heldout_files()[0]
     with tempfile.TemporaryDirectory() as tmp:

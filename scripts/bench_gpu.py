@@ -9,11 +9,11 @@
 2. GPT-2 XL, built on the meta device and materialized by the sampler (fp32 position and velocity,
    bf16 gradient and compute copy): forward+backward tokens/s at 1, 2, 4, 8 x 1024 tokens, with
    activation checkpointing on every block (and without, where it fits); peak allocated and reserved
-   memory next to rtllm.plan's prediction; the sampler's share of the step and its time against the
+   memory next to rtllm.plan.memory's prediction; the sampler's share of the step and its time against the
    bandwidth floor; then again with the process limited to 24 GiB, as on a consumer card.
 3. offload: the extra time of a window of steps during which one sample (3.1 GB) is snapshotted to
-   pinned host memory on a side stream and written to disk (rtllm.storage.SampleWriter).
-4. host syncs per step of the sampling loop (rtllm.sampling), counted on a tiny model with
+   pinned host memory on a side stream and written to disk (rtllm.store.writer.SampleWriter).
+4. host syncs per step of the sampling loop (rtllm.run.sampling), counted on a tiny model with
    torch.cuda.set_sync_debug_mode (scripts/count_syncs.py).
 
 CUDA-only calls (events, memory statistics, the memory limit, the sync counter) sit behind device
@@ -66,7 +66,7 @@ class Marks:
 def build(config, device: torch.device, checkpoint_every: int):
     """(model, sampler): the model built on the meta device, materialized by the sampler."""
     import rtllm
-    from rtllm.model_io import config_initializer, meta_model
+    from rtllm.lm.model_io import config_initializer, meta_model
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what sampling.py uses
     torch.manual_seed(0)
@@ -78,7 +78,7 @@ def build(config, device: torch.device, checkpoint_every: int):
 
 
 def set_checkpointing(model, every: int) -> None:
-    from rtllm.model_io import prepare_for_sampling
+    from rtllm.lm.model_io import prepare_for_sampling
 
     prepare_for_sampling(model, checkpointing=every > 0, checkpoint_every=max(every, 1))
 
@@ -87,7 +87,7 @@ def run_steps(model, sampler, ids, steps: int, marks: Marks, writer=None, index:
     """`steps` whole steps as the sampling loop takes them, 2 marks per step and one at the end.
     With a writer, sample `index` is submitted after the first step (the loop's order: submit,
     then wait for the snapshot before the next update)."""
-    from rtllm.loss import lm_loss
+    from rtllm.lm.loss import lm_loss
 
     for i in range(steps):
         marks.mark()
@@ -110,9 +110,9 @@ def free_cache(device: torch.device) -> None:
 
 
 def planned(config, batch: int, seq: int, device: torch.device, checkpoint_every: int) -> dict:
-    """rtllm.plan's prediction for this very set-up: `peak_allocated` is what
+    """rtllm.plan.memory's prediction for this very set-up: `peak_allocated` is what
     max_memory_allocated should read, `total` adds fragmentation and the CUDA context."""
-    from rtllm.plan import plan_memory
+    from rtllm.plan.memory import plan_memory
 
     plan = plan_memory(config, batch=batch, seq=seq, layout="fp32", device=device.type, from_meta=True,
                        checkpointing=checkpoint_every > 0, checkpoint_every=max(checkpoint_every, 1))
@@ -183,7 +183,7 @@ def model_section(config, batches, seq, steps, device, checkpoint_variants, limi
 
 def offload_section(model, sampler, config, batch, seq, steps, device, tmp: Path) -> dict:
     """Window of `steps` steps without, with, and again without one sample offload."""
-    from rtllm.storage import SampleWriter
+    from rtllm.store.writer import SampleWriter
 
     ids = torch.randint(config.vocab_size, (batch, seq + 1), device=device)
     with tempfile.TemporaryDirectory(dir=tmp) as out_dir:
@@ -319,7 +319,7 @@ def main() -> None:
     from bench_update import bench_kernels
     from count_syncs import count_loop_syncs
 
-    from rtllm.presets import preset_config
+    from rtllm.lm.presets import preset_config
 
     if args.smoke:
         from transformers import GPT2Config

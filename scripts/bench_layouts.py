@@ -1,4 +1,4 @@
-"""Benchmark: one sampler step per state layout (rtllm.layouts), forward/backward excluded.
+"""Benchmark: one sampler step per state layout (rtllm.state.layouts), forward/backward excluded.
 
     python scripts/bench_layouts.py                       # CPU: 1e6 and 1e7 bf16 parameters
     python scripts/bench_layouts.py --sizes 2e7 --repeat 9
@@ -18,7 +18,7 @@ import torch
 
 import rtllm
 from rtllm.kernels.philox import STREAM_REFRESH
-from rtllm.layouts import LAYOUTS
+from rtllm.state.layouts import LAYOUTS
 
 from bench_update import make_params, timed  # run as a script: scripts/ is on sys.path
 

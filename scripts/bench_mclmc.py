@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import rtllm
-from rtllm.trajectory import MCLMCChains
+from rtllm.samplers.trajectory import MCLMCChains
 
 
 def step_cost(numel: int, tensors: int, repeat: int) -> dict[str, float]:

@@ -19,11 +19,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 from rtllm import RayTracer
-from rtllm.loss import lm_loss
-from rtllm.memtrace import allocator_peak_bytes
-from rtllm.model_io import prepare_for_sampling
-from rtllm.plan import BUILD, FWD_BWD, GIB, GRAD_ACC, SAMPLE_BUFFERS, STEP, model_shape, plan_memory
-from rtllm.presets import PRESETS, preset_config
+from rtllm.lm.loss import lm_loss
+from rtllm.plan.memtrace import allocator_peak_bytes
+from rtllm.lm.model_io import prepare_for_sampling
+from rtllm.plan.memory import BUILD, FWD_BWD, GIB, GRAD_ACC, SAMPLE_BUFFERS, STEP, model_shape, plan_memory
+from rtllm.lm.presets import PRESETS, preset_config
 
 MIB = 2**20
 # (n_embd, n_layer, n_head, vocab, batch, seq, checkpoint_every, dtype)

@@ -13,13 +13,13 @@ reduce/update passes and the rest of the loop). Prints markdown.
 
 Variants (every combination of the listed values is measured, each in its own subprocess):
 --attn (transformers attention implementation; sdpa is transformers 5's default for GPT-2),
---loss (chunked: rtllm.loss.lm_loss, the fused head + cross-entropy; naive: full logits then
+--loss (chunked: rtllm.lm.loss.lm_loss, the fused head + cross-entropy; naive: full logits then
 F.cross_entropy), --checkpoint-every (k: activation checkpointing on every k-th block; 0: off).
 --rounds R repeats the whole list R times in alternating order, so slow drift of a shared
 machine hits every variant alike. On a shared CPU, wall time follows the other processes; the
 "fwd+bwd CPU s" column (process CPU time, best with --threads 1) follows only the work done.
 "fwd+bwd alloc MiB": the peak bytes one extra forward+backward allocates above what was resident
-(CPU: rtllm.memtrace's allocator trace; CUDA: max_memory_allocated), exact where RSS is coarse.
+(CPU: rtllm.plan.memtrace's allocator trace; CUDA: max_memory_allocated), exact where RSS is coarse.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 PRESETS = {
-    # the demo's pretrained model (rtllm.pretrain defaults), random weights
+    # the demo's pretrained model (rtllm.lm.pretrain defaults), random weights
     "tiny": dict(vocab_size=2048, n_positions=128, n_embd=128, n_layer=4, n_head=4),
     "gpt2": dict(),  # GPT-2 124M
     "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
@@ -45,9 +45,9 @@ def measure(preset: str, batch: int, seq: int, steps: int, device: str, attn: st
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import rtllm
-    from rtllm.loss import lm_loss, naive_lm_loss
-    from rtllm.model_io import prepare_for_sampling
-    from rtllm.runlog import peak_memory_bytes
+    from rtllm.lm.loss import lm_loss, naive_lm_loss
+    from rtllm.lm.model_io import prepare_for_sampling
+    from rtllm.store.runlog import peak_memory_bytes
 
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -96,7 +96,7 @@ def measure(preset: str, batch: int, seq: int, steps: int, device: str, attn: st
         sync()
         fwd_bwd_alloc = torch.cuda.max_memory_allocated() - base
     else:
-        from rtllm.memtrace import allocator_peak_bytes
+        from rtllm.plan.memtrace import allocator_peak_bytes
 
         fwd_bwd_alloc = allocator_peak_bytes(fwd_bwd)[0]
     return dict(model=preset, params=n_params, batch=batch, seq=seq, device=device, attn=attn,

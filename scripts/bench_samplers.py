@@ -25,7 +25,7 @@ Protocol (docs/sampling.md, "Comparing samplers"). Same for every sampler:
    gives antithetic chains no credit; draws are thinned by odd factors only, for the same reason);
    reported as the mean (min-max) over chains, with the bias of E|x|^2 and of the
    per-coordinate second moments (mean_i E x_i^2 / truth - 1) +- SE. Marked unresolved where a
-   chain's ESS < 50 (rtllm.diagnostics: below that tau itself is not trustworthy).
+   chain's ESS < 50 (rtllm.evaluation.diagnostics: below that tau itself is not trustworthy).
    Tuning: RT and HMC run trajectories of path time pi/2 (the paper's choice, a quarter period
    at unit scale) with a Metropolis test (rtllm.sample_trajectories), dt by dual averaging to
    acceptance 0.8 (Hoffman & Gelman 2014; start 0.1, gamma 0.05, t0 10, kappa 0.75). MCLMC:
@@ -51,7 +51,7 @@ Protocol (docs/sampling.md, "Comparing samplers"). Same for every sampler:
    "mclmc-search" = MCLMC with its step size from the same search (L = max(sqrt(D), 15)), to
    tell the sampler from its tuner. MILE:
    --lm-members members fine-tuned by AdamW with early stopping on the validation split
-   (rtllm.members; their AdamW gradients are reported apart), then one MILE-tuned MCLMC chain
+   (rtllm.run.members; their AdamW gradients are reported apart), then one MILE-tuned MCLMC chain
    per member on budget / members gradients. No step is rejected or undone for any sampler.
 
 Prints markdown tables on stdout (progress on stderr) and writes everything to --json.
@@ -194,7 +194,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--sigmas", default="0,1,3,10", help="gradient-noise scales of part 2")
     a("--dims", default="1000,100,100", help="dimensions of the Gaussian, ill-conditioned Gaussian, Rosenbrock")
     a("--model", type=Path, help=f"tiny pretrained model directory (default: {DEFAULT_MODEL}, pretrained "
-                                 f"there by rtllm.pretrain.ensure_pretrained if missing)")
+                                 f"there by rtllm.lm.pretrain.ensure_pretrained if missing)")
     for name, kind, what in (("lm-budget", int, "gradients per LM sampler (full 300, quick 80)"),
                              ("lm-samples", int, "ensemble size (full 8, quick 4)"),
                              ("lm-batch", int, "sequences per minibatch (full 8, quick 4)"),
@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
     if "lm" in args.parts and args.model is None:
-        from rtllm.pretrain import ensure_pretrained
+        from rtllm.lm.pretrain import ensure_pretrained
 
         log(f"LM: using (or pretraining, a few minutes) {DEFAULT_MODEL}")
         args.model = ensure_pretrained(DEFAULT_MODEL)

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 import rtllm
-from rtllm import rules
-from rtllm.diagnostics import MIN_LENGTH_OVER_TAU, integrated_autocorr_time
-from rtllm.trajectory import MCLMCChains
+from rtllm.samplers import rules
+from rtllm.evaluation.diagnostics import MIN_LENGTH_OVER_TAU, integrated_autocorr_time
+from rtllm.samplers.trajectory import MCLMCChains
 
 # The SE estimator of the existing noise protocol (larger of Sokal and 20 batch means).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -128,7 +128,7 @@ def value_and_grad(log_prob: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Ten
 def run_step_form(kind: str, log_prob: Callable[[Tensor], Tensor], x0: Tensor, *, dt, steps: int,
                   thin: int, refresh_rate: float = REFRESH_RATE, seed: int = 0,
                   v0: Tensor | None = None) -> Tensor:
-    """`steps` steps of the optimizers' schedule (rtllm.samplers: RayTracer / HMC first step, then
+    """`steps` steps of the optimizers' schedule (rtllm.samplers.optimizers: RayTracer / HMC first step, then
     steady K(dt/2) O(dt) K(dt/2) D(dt); SGLD full refresh, K(dt/2), D(dt)) for every chain of x0
     [chains, D], folded by the library's scalar rules, one gradient per step, no Metropolis.
     dt: a scalar, or one per chain for SGLD (no partial refresh). Returns x after every
@@ -248,7 +248,7 @@ class Run:
         return ess / (np.array(self.grads_tune) + np.array(self.grads_sample))
 
     def resolved(self) -> bool:
-        """Whether every chain had ESS >= the 50 that rtllm.diagnostics asks of a trusted tau."""
+        """Whether every chain had ESS >= the 50 that rtllm.evaluation.diagnostics asks of a trusted tau."""
         return bool(np.min(np.minimum(self.ess_coord, self.ess_lp)) >= MIN_LENGTH_OVER_TAU)
 
 

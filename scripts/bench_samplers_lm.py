@@ -3,7 +3,7 @@ start, with the same target, minibatches and gradient budget, scored on held-out
 
 The protocol is written out in bench_samplers.py's docstring and docs/sampling.md ("Comparing
 samplers"). All samplers run the library's optimizers (fp32 state) in the same small loop
-here; samples are scored in memory as they are taken (rtllm.metrics), nothing is written.
+here; samples are scored in memory as they are taken (rtllm.evaluation.metrics), nothing is written.
 """
 from __future__ import annotations
 
@@ -17,14 +17,15 @@ from pathlib import Path
 import torch
 
 import rtllm
-from rtllm import metrics, tune
-from rtllm.checkpoint import map_tensors
-from rtllm.corpus import heldout_files, train_files
-from rtllm.data import MinibatchOrder, TokenData, context_length, pack, read_texts, tokenize_texts
-from rtllm.loss import lm_loss
-from rtllm.members import MemberTraining, train_member
-from rtllm.model_io import load_model_and_tokenizer, prepare_for_sampling
-from rtllm.run_samplers import MCLMC_START_STEP, load_init_weights
+from rtllm.evaluation import metrics
+from rtllm.run import dt_auto as tune
+from rtllm.run.checkpoint import map_tensors
+from rtllm.lm.corpus import heldout_files, train_files
+from rtllm.lm.data import MinibatchOrder, TokenData, context_length, pack, read_texts, tokenize_texts
+from rtllm.lm.loss import lm_loss
+from rtllm.run.members import MemberTraining, train_member
+from rtllm.lm.model_io import load_model_and_tokenizer, prepare_for_sampling
+from rtllm.run.sampler_setup import MCLMC_START_STEP, load_init_weights
 
 LOSS_TOLERANCE = 0.05  # S = D / (2 * 0.05) for every sampler: `rtllm sample`'s default
 TUNE_SHARE = 0.2
@@ -257,7 +258,7 @@ def summary(acc: metrics.PredictiveAccumulator, windows: int) -> dict:
 
 def run_mile(p: Problem, s: LMSettings, acc: metrics.PredictiveAccumulator) -> dict:
     """MILE: K members fine-tuned by AdamW with early stopping on the validation split
-    (rtllm.members), then one MCLMC chain per member on budget / K gradients (MILE-tuned)."""
+    (rtllm.run.members), then one MCLMC chain per member on budget / K gradients (MILE-tuned)."""
     training = MemberTraining(max_steps=s.member_steps, eval_every=max(1, s.member_steps // 4),
                               patience=2, batch_size=s.batch_size)
     out = {"members": [], "chains": [], "grads_members": 0, "seconds_members": 0.0}

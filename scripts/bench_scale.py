@@ -103,10 +103,10 @@ def measure(model_name: str, *, device: str = "cpu", steps: int = 2, seq_len: in
     import torch
 
     import rtllm
-    from rtllm.loss import lm_loss
-    from rtllm.model_io import (config_initializer, meta_model, param_groups_for,
+    from rtllm.lm.loss import lm_loss
+    from rtllm.lm.model_io import (config_initializer, meta_model, param_groups_for,
                                 prepare_for_sampling, resolve_device, select_parameters)
-    from rtllm.presets import config_for
+    from rtllm.lm.presets import config_for
 
     if steps < 1 or seq_len < 1 or batch < 1:
         raise ValueError(f"--steps, --seq-len and --batch must be >= 1, got {steps}, {seq_len}, {batch}")

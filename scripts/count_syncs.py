@@ -1,4 +1,4 @@
-"""Host syncs per step of the sampling loop (rtllm.sampling.SamplingRun), counted on CUDA.
+"""Host syncs per step of the sampling loop (rtllm.run.sampling.SamplingRun), counted on CUDA.
 
     python scripts/count_syncs.py          # a CUDA machine; also part of scripts/bench_gpu.py
 
@@ -22,8 +22,8 @@ def tiny_model_dir(root: Path) -> Path:
     """A random 2-block GPT-2 and a byte-level BPE tokenizer trained on the bundled plays."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rtllm.corpus import train_files
-    from rtllm.pretrain import train_bpe_tokenizer
+    from rtllm.lm.corpus import train_files
+    from rtllm.lm.pretrain import train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer([train_files()[0].read_text(encoding="utf-8")[:8000]], 384, max_length=64)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
@@ -38,9 +38,9 @@ def count_loop_syncs(device: torch.device, tmp: Path, short: int = 3, long: int 
     """Host syncs per step of SamplingRun's loop: (syncs of a long run - a short run) / extra steps,
     so set-up, the final sample and the checkpoint cancel out. On CPU there is no sync counter:
     one short run only checks that the path runs, and the counts are null."""
-    from rtllm.config import SampleConfig
-    from rtllm.corpus import train_files
-    from rtllm.sampling import SamplingRun
+    from rtllm.run.config import SampleConfig
+    from rtllm.lm.corpus import train_files
+    from rtllm.run.sampling import SamplingRun
 
     out = {}
     with tempfile.TemporaryDirectory(dir=tmp) as root:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import rtllm
-from rtllm.diagnostics import integrated_autocorr_time as sokal_tau
+from rtllm.samplers.autocorr import integrated_autocorr_time as sokal_tau
 
 # HMC's exact stationary value has one definition: the test's (tests/ is not a package).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -58,7 +58,7 @@ def run_chain(sampler: str, sigma: float, *, steps: int, dim: int, dt: float, ra
 
 
 def integrated_autocorr_time(y: np.ndarray) -> float:
-    """Sokal's estimate (rtllm.diagnostics), at least 1."""
+    """Sokal's estimate (rtllm.evaluation.diagnostics), at least 1."""
     return max(sokal_tau(y), 1.0)
 
 

@@ -6,7 +6,7 @@ with its layout's rounding; `encode` is that store, `decode` that load:
 - fp64: float64 (the reference run); fp32: fp32 (the library's default).
 - fp32-split: the fp32 bit pattern as two 16-bit planes, the high one rounded half away from
   zero (so it is the bf16 compute copy), the low one the signed int16 remainder: bit-exact fp32
-  (the library's own `split_fp32`, rtllm.layouts "fp32-split").
+  (the library's own `split_fp32`, rtllm.state.layouts "fp32-split").
 - pair-bf16 / pair-fp16: x = hi + lo, hi = bf16(x) (it *is* the compute copy), lo = x - hi
   rounded to bf16 / fp16 (Kahan-style compensation: the update reads hi + lo in fp32).
 - bf16-sr: bf16 with stochastic rounding (16 random bits added below the bf16 mantissa of the
@@ -68,7 +68,7 @@ def encode(kind: str, value: Tensor, gen: torch.Generator) -> tuple[Tensor, ...]
     if kind == "fp32":
         return (value,)
     if kind == "fp32-split":
-        return split_fp32(value.contiguous())  # the library's own (rtllm.layouts "fp32-split")
+        return split_fp32(value.contiguous())  # the library's own (rtllm.state.layouts "fp32-split")
     if kind.startswith("pair-"):
         hi = value.to(torch.bfloat16)
         # value - hi is exact in fp32 (hi is value rounded at a coarser bit); only lo rounds.

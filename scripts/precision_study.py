@@ -1,6 +1,6 @@
 """Precision study: does a 16-bit sampler state sample the same posterior as a float64 one?
 
-The ray tracing step v <- a v + b g + c n, x <- x + d v (coefficients from `rtllm.rules`, exact
+The ray tracing step v <- a v + b g + c n, x <- x + d v (coefficients from `rtllm.samplers.rules`, exact
 gradients) is run with the state stored in each layout (precision_storage.py: fp32, the exact
 fp32-split, Kahan-style bf16 pairs, bf16 with stochastic or nearest rounding, for x and for v)
 and compared with the same chain in float64. Storage is emulated as a fused kernel does it:
@@ -18,7 +18,7 @@ Targets (dt such that a typical coordinate moves ~1e-4 of its magnitude per step
   minibatch gradients, S = D / (2 * 0.05); held-out loss on a fixed later slice of the corpus.
 
 Each statistic is a series along the chain. --compare stationary (gauss default): its mean's
-standard error is the largest of Sokal's (rtllm.diagnostics), batch means and the chains'
+standard error is the largest of Sokal's (rtllm.evaluation.diagnostics), batch means and the chains'
 spread; transient (lm default): independent chains from the start, compared at equal times,
 se from the spread over chains. z = (layout - float64) / sqrt(se_layout^2 + se_float64^2); a
 layout passes when every primary statistic (PRIMARY) has |z| < 2.
@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rtllm import rules
-from rtllm.diagnostics import integrated_autocorr_time
+from rtllm.samplers import rules
+from rtllm.samplers.autocorr import integrated_autocorr_time
 
 # The storage emulation; run as a script (or with scripts/ on sys.path) so this resolves.
 from precision_storage import LAYOUTS, bytes_per_param, decode, drift_speed, encode, parse_layout

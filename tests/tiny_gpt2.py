@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from rtllm.corpus import train_files
-from rtllm.pretrain import train_bpe_tokenizer
+from rtllm.lm.corpus import train_files
+from rtllm.lm.pretrain import train_bpe_tokenizer
 
 TOKENIZER_TEXT_BYTES = 8_000  # enough for a few hundred merges, still trains in milliseconds
 

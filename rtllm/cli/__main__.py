@@ -1,0 +1,6 @@
+"""`python -m rtllm.cli ...` (what torchrun launches) is the `rtllm` command."""
+import sys
+
+from rtllm.cli import main
+
+sys.exit(main())

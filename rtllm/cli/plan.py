@@ -1,0 +1,66 @@
+"""`rtllm plan`: the options, and the command that prints rtllm.plan's table."""
+from __future__ import annotations
+
+import argparse
+
+from rtllm.state.layouts import DEFAULT_LAYOUT, LAYOUTS
+
+
+def _size_arg(text: str) -> int:
+    from rtllm.plan.format import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--model", required=True, help="a preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local "
+      "model directory (only its config.json is read)")
+    a("--batch", type=int, default=8, help="sequences per step (%(default)s)")
+    a("--seq", type=int, help="tokens per sequence (default: the model's context)")
+    a("--micro-batch", type=int, help="sequences per forward/backward (default: the whole batch)")
+    a("--layout", choices=list(LAYOUTS), default=DEFAULT_LAYOUT, help="state layout the verdict is "
+      "for; every registered layout gets a column (%(default)s)")
+    a("--gpu-mem", type=_size_arg, default="24GiB", help="memory to fit in: 24GiB, 24GB or bytes "
+      "(%(default)s)")
+    a("--device", choices=["cuda", "cpu"], default="cuda", help="plan a GPU run (bf16 compute) or a "
+      "CPU run (fp32) (%(default)s)")
+    a("--params", help="regex of the sampled parameters, as rtllm sample --params (default: all)")
+    a("--ray-per", choices=["model", "group", "tensor"], default="model", help="as rtllm sample (%(default)s)")
+    a("--prior-center", choices=["zero", "start"], help="plan a Gaussian prior with this center "
+      "(default: no prior)")
+    a("--dt", default="auto", help="'auto' (as rtllm sample: its trials hold a device copy of x and v) "
+      "or a number (%(default)s)")
+    a("--undo", choices=["auto", "yes", "no"], default="auto", help="the copy of x and v that undoes a "
+      "rejected step: 'auto' takes it, as rtllm sample does, when free memory exceeds twice its size")
+    a("--activation-checkpoint-every", type=int, default=1, help="activation checkpointing of every k-th "
+      "block, as `rtllm sample --activation-checkpoint-every` (%(default)s)")
+    a("--sample-dtype", choices=["compute", "fp32"], default="compute", help="as rtllm sample (%(default)s)")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rtllm.lm.presets import config_for
+    from rtllm.plan.format import fit_hints, format_plan
+    from rtllm.plan.memory import model_shape, plan_all_layouts
+
+    if args.dt != "auto":
+        try:
+            float(args.dt)
+        except ValueError:
+            raise ValueError(f"--dt must be 'auto' or a number, got {args.dt!r}") from None
+    config = config_for(args.model)
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    shape = model_shape(config, params=args.params, ray_per=args.ray_per, name=args.model)
+    kwargs = dict(batch=args.batch, seq=args.seq or context, device=args.device,
+                  micro_batch=args.micro_batch, prior_center=args.prior_center,
+                  gpu_mem_bytes=args.gpu_mem, checkpoint_every=args.activation_checkpoint_every,
+                  dt_auto=args.dt == "auto", sample_dtype=args.sample_dtype,
+                  undo_backup={"auto": "auto", "yes": True, "no": False}[args.undo])
+    plans = plan_all_layouts(shape, **kwargs)
+    main = next(p for p in plans if p.layout == args.layout)
+    hints = fit_hints(shape, main, {**kwargs, "layout": args.layout})
+    print(format_plan(plans, args.gpu_mem, chosen=args.layout, hints=hints))
+    return 0

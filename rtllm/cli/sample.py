@@ -1,0 +1,106 @@
+"""`rtllm sample` and `rtllm merge`: the options, SampleConfig from them, and the commands."""
+from __future__ import annotations
+
+import argparse
+
+from rtllm.run.config import DEFAULT_LOSS_TOLERANCE, SampleConfig
+from rtllm.state.layouts import LAYOUTS
+
+
+def _dt(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a number, got {text!r}") from None
+
+
+def add_sample_args(p: argparse.ArgumentParser) -> None:
+    d = SampleConfig.__dataclass_fields__
+    a = p.add_argument
+    a("--model", required=True, help="local Hugging Face causal-LM directory (config, weights, tokenizer)")
+    a("--train", nargs="+", required=True, help="training text: files or directories of text files")
+    a("--out", required=True, help="output directory for the ensemble (samples/, ensemble.json, log)")
+    a("--heldout", nargs="+", default=[], help="held-out text (default: the last 5%% of the training text, "
+      "excluded from training)")
+    a("--steps", type=int, default=d["steps"].default, help="total sampler steps, burn-in included (%(default)s)")
+    a("--burn-in", type=int, default=d["burn_in"].default, help="steps before the first sample, dt trials "
+      "included (%(default)s)")
+    a("--thin", type=int, default=d["thin"].default, help="take a sample every THIN steps after burn-in (%(default)s)")
+    a("--dt", type=_dt, default="auto", help="time step, or 'auto' to choose it by the paper's recipe (%(default)s)")
+    a("--loss-tolerance", type=float, help=f"nats per token the posterior may sit above the optimum; sets "
+      f"S = D/(2*tol) (default {DEFAULT_LOSS_TOLERANCE})")
+    a("--scale-likelihood", type=float, help="S in ln p = -S * mean token loss (instead of --loss-tolerance)")
+    a("--prior-scale", type=float, help="std of an isotropic Gaussian prior on the weights (default: none)")
+    a("--prior-center", choices=["zero", "start"], default="zero", help="prior mean: zero, or the starting "
+      "weights (+2 bytes/parameter) (%(default)s)")
+    a("--batch-size", type=int, default=d["batch_size"].default, help="sequences per step (%(default)s)")
+    a("--micro-batch", type=int, help="sequences per forward/backward; gradients accumulate in fp32")
+    a("--seq-len", type=int, help="tokens per sequence (default: the model's context length)")
+    a("--refresh-rate", type=float, default=d["refresh_rate"].default, help="partial velocity refresh per "
+      "unit time (%(default)s)")
+    a("--params", help="regex: sample only the parameters whose names match; the rest stay frozen")
+    a("--ray-per", choices=["model", "group", "tensor"], default=d["ray_per"].default,
+      help="one ray for the model, per layer group, or per tensor (%(default)s)")
+    a("--reject-threshold", type=float, default=d["reject_threshold"].default, help="a step whose loss jumps "
+      "by more than this (nats) is undone, or its samples masked (%(default)s)")
+    a("--log-every", type=int, default=d["log_every"].default, help="held-out loss and probe every N steps "
+      "(%(default)s)")
+    a("--checkpoint-every", type=int, help="steps between checkpoints (default: about every 10 minutes)")
+    a("--activation-checkpoint-every", type=int, default=d["activation_checkpoint_every"].default,
+      help="recompute the activations of blocks 0, K, 2K, ... only: faster, more memory (%(default)s: "
+      "every block; `rtllm plan` takes the same option)")
+    a("--sample-dtype", choices=["compute", "fp32"], default="compute", help="store samples in the compute "
+      "dtype (bf16 on GPU) or as fp32 master weights (%(default)s)")
+    a("--layout", choices=sorted(LAYOUTS), default=d["layout"].default, help="sampler state layout: fp32, "
+      "or fp32-split: the same chain in 10 instead of 12 bytes/parameter, the model computing in "
+      "bf16 (docs/precision.md) (%(default)s)")
+    a("--seed", type=int, default=0, help="seed of the chain (%(default)s); chain k > 0 derives its own "
+      "from (seed, k)")
+    a("--chain", type=int, help="chain id K: write OUT/chains/chain-K (several chains, one ensemble; see "
+      "`rtllm merge`); under torchrun rank r runs chain K + r (default 0)")
+    a("--sampler", choices=["ray", "mclmc"], default=d["sampler"].default, help="ray tracing, or "
+      "microcanonical Langevin as inside MILE (then --dt is its step size per full step of two "
+      "gradients) (%(default)s)")
+    a("--L", type=_dt, default="auto", help="MCLMC decoherence length, or 'auto': tuned in the burn-in "
+      "(%(default)s)")
+    a("--tune-phases", type=int, nargs=3, metavar=("I", "II", "III"), help="MCLMC tuning phases in full "
+      "steps (default: 80/10/10%% of the burn-in; MILE uses 40000 5000 5000)")
+    a("--init", help="start from the weights in this directory (same architecture as --model)")
+    a("--device", default="auto", help="cpu, cuda, cuda:N or auto (%(default)s)")
+    a("--deterministic", action="store_true", help="deterministic CUDA kernels (bit-identical resume on GPU)")
+    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    a("--overwrite", action="store_true", help="replace an earlier rtllm run in --out")
+
+
+def config_from_args(args: argparse.Namespace) -> SampleConfig:
+    return SampleConfig(
+        model=args.model, train=tuple(args.train), out=args.out, heldout=tuple(args.heldout),
+        steps=args.steps, burn_in=args.burn_in, thin=args.thin, dt=args.dt,
+        loss_tolerance=args.loss_tolerance, scale_likelihood=args.scale_likelihood,
+        prior_scale=args.prior_scale, prior_center=args.prior_center, batch_size=args.batch_size,
+        micro_batch=args.micro_batch, seq_len=args.seq_len, refresh_rate=args.refresh_rate,
+        params=args.params, ray_per=args.ray_per, reject_threshold=args.reject_threshold,
+        log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+        sample_dtype=args.sample_dtype, activation_checkpoint_every=args.activation_checkpoint_every,
+        layout=args.layout, seed=args.seed, device=args.device,
+        deterministic=args.deterministic, sampler=args.sampler, L=args.L,
+        tune_phases=tuple(args.tune_phases) if args.tune_phases else None, init=args.init)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from rtllm.run.chains import run_sample
+
+    run_sample(config_from_args(args), first_chain=args.chain, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from rtllm.run.merge import merge
+
+    report = merge(args.dir, require_all=args.require_all, verify=not args.no_verify)
+    for state in report.chains:
+        print(state.describe())
+    print(report.summary())
+    return 0

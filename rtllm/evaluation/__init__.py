@@ -1,0 +1,10 @@
+"""Token-level predictive uncertainty of an ensemble: streamed metrics, diagnostics, reports.
+
+`streaming` runs `rtllm.evaluate` (samples streamed over token windows, the Bayesian model
+average accumulated in bounded memory); `metrics` the per-token quantities (total, aleatoric,
+epistemic uncertainty, NLL, calibration, OOD AUROC); `diagnostics` the convergence figures read
+from the run logs; `report` the plots and the shaded-token HTML.
+
+(Named `evaluation`, not `evaluate`, so that `rtllm.evaluate` stays the function.)
+May import: rtllm.store, rtllm.lm, rtllm.samplers (autocorrelation), torch, numpy, matplotlib.
+"""

@@ -1,0 +1,9 @@
+"""Hugging Face models and text: what the sampler needs to know about a language model.
+
+`model_io` loads checkpoints and tokenizers, builds models on the meta device and prepares them
+for sampling; `data` reads and packs text into token windows and minibatch orders; `loss` is the
+chunked LM-head cross-entropy; `presets` the published GPT-2 configs; `pretrain` trains the
+tiny built-in GPT-2 on the bundled `corpus`.
+
+May import: torch, transformers, tokenizers. Knows nothing of samplers, runs or storage.
+"""

@@ -1,0 +1,439 @@
+"""The sampling run: a Hugging Face checkpoint and text in, an ensemble of weight samples out.
+
+Target: ln p(x) = -S * (mean token cross-entropy of a minibatch) + ln prior(x), with
+S = D / (2 * loss_tolerance) unless --scale-likelihood is given (docs/sampling.md). One
+`SamplingRun` owns the model, the data, the sampler and the sample writer; `run()` tunes dt
+(`--dt auto`), steps the chain, logs, takes samples, checkpoints, and resumes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rtllm.run import dt_auto
+from rtllm.run.checkpoint import checkpoint_path, load_checkpoint, map_tensors, save_checkpoint
+from rtllm.run.config import SampleConfig, chain_seed
+from rtllm.lm.data import MinibatchOrder, TokenData, context_length, read_texts
+from rtllm.lm.loss import lm_loss
+from rtllm.lm.model_io import load_model_and_tokenizer, prepare_for_sampling, resolve_device, select_parameters
+from rtllm.store.runlog import RunLog, peak_memory_bytes
+from rtllm.run.sampler_setup import build_sampler, load_init_weights, needs_tuning, tune_in_burn_in
+from rtllm.store.manifest import RUN_MARKER
+from rtllm.store.writer import SampleWriter, check_free_disk, copy_tokenizer, estimate_run_disk
+
+PROBE_SEQUENCES, PROBE_POSITIONS, PROBE_TOP = 2, 64, 5
+HELDOUT_EVAL_SEQUENCES = 8
+CHECKPOINT_SECONDS = 600.0
+
+
+def prepare_out_dir(cfg: SampleConfig, resume: bool, overwrite: bool) -> None:
+    out = cfg.out_dir
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory")
+    if out.exists() and any(out.iterdir()) and not resume:
+        if not overwrite:
+            raise ValueError(f"--out {out} is not empty: pass --resume to continue its run or "
+                             f"--overwrite to replace it")
+        if not (out / RUN_MARKER).exists():
+            raise ValueError(f"--out {out} is not empty and holds no rtllm run ({RUN_MARKER}); "
+                             f"--overwrite only replaces rtllm outputs: choose another directory")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+class SamplingRun:
+    def __init__(self, cfg: SampleConfig, *, resume: bool = False, overwrite: bool = False,
+                 log: Callable[[str], None] = print) -> None:
+        self.cfg, self.say = cfg, log
+        self.device = resolve_device(cfg.device)
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        # Load (and validate) everything before touching the output directory.
+        # fp32-split keeps its position's high plane as the bf16 weights: bf16 on CPU too.
+        dtype = torch.bfloat16 if self.device.type == "cuda" or cfg.layout == "fp32-split" \
+            else torch.float32
+        self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype, device=self.device)
+        if cfg.init:
+            load_init_weights(self.model, cfg.init)
+        prepare_for_sampling(self.model, checkpoint_every=cfg.activation_checkpoint_every)
+        self.data = TokenData.from_texts(self.tokenizer, read_texts(cfg.train),
+                                         heldout=read_texts(cfg.heldout) if cfg.heldout else None,
+                                         seq_len=cfg.seq_len, context=context_length(self.model))
+        self.order = MinibatchOrder(len(self.data.train), cfg.batch_size, chain_seed(cfg.seed, cfg.chain))
+        sampled, _ = select_parameters(self.model, cfg.params)  # the rest no longer require grad
+        self.num_params = sum(p.numel() for _, p in sampled)
+        self.scale = cfg.scale_likelihood or self.num_params / (2 * cfg.tolerance)
+        self.tolerance = self.num_params / (2 * self.scale)
+        self.sampler = build_sampler(cfg, sampled, self.scale, chain_seed(cfg.seed, cfg.chain))
+        start_loss = self._mean_loss([0])
+        if not math.isfinite(start_loss):
+            raise ValueError(f"the loss is {start_loss} at the starting weights: check the model and "
+                             f"the text (nothing was written)")
+        self.n_samples = len(range(cfg.burn_in + cfg.thin - 1, cfg.steps, cfg.thin))
+        # Undo needs a copy of x and v; decided once and kept in checkpoints, so a resumed run
+        # takes the same path whatever memory is free then. MCLMC flags instead: undoing one of
+        # its half steps would break the McLachlan step it belongs to.
+        undo = cfg.reject_threshold is not None and cfg.sampler == "ray" and self._backup_fits()
+        self.state = dict(step=0, cursor=0, dt=None, L=None, dt_trials=[], prev_loss=None, flagged=[],
+                          undo=undo)
+        self._check_disk()  # before --overwrite removes anything
+        prepare_out_dir(cfg, resume, overwrite)
+        self.ckpt_path = checkpoint_path(cfg.out_dir, cfg.chain)
+        self._backup = self._make_backup() if undo else None
+        # The probe follows the *starting* model's top tokens: built before a checkpoint loads.
+        self.probe = self._make_probe()
+        self.resumed = False
+        if resume:
+            self._load_checkpoint()
+        (cfg.out_dir / RUN_MARKER).write_text(json.dumps(self.manifest_config(), indent=2))
+        copy_tokenizer(cfg.model, cfg.out_dir)
+        self.log = RunLog(cfg.out_dir / f"log-chain-{cfg.chain:03d}.jsonl")
+
+    # -- set-up helpers ---------------------------------------------------------------------
+    def manifest_config(self) -> dict:
+        """What defines the samples; stored in the manifest and in every sample's metadata.
+
+        Paths of the output and timing-like settings stay out, so a resumed run (or the same
+        run in another directory) writes byte-identical sample files.
+        """
+        return {**self.cfg.chain_defining(), "num_params": self.num_params, "scale_likelihood": self.scale,
+                "loss_tolerance_effective": self.tolerance, "dt": self.state["dt"],
+                **({"L": self.state["L"]} if self.cfg.sampler == "mclmc" else {})}
+
+    def _named_tensors(self) -> dict[str, torch.Tensor]:
+        """HF state-dict names -> live tensors: the compute copy, or the fp32 master weights."""
+        named = dict(self.model.state_dict())
+        if self.cfg.sample_dtype == "fp32":
+            masters = {id(p): fg.view("x", i) for fg in self.sampler._flat for i, p in enumerate(fg.params)}
+            for name, p in self.model.named_parameters(remove_duplicate=False):  # tied names too
+                if id(p) in masters:
+                    named[name] = masters[id(p)]
+        return named
+
+    def _check_disk(self) -> None:
+        bytes_per_sample = sum(t.numel() * (4 if self.cfg.sample_dtype == "fp32" else t.element_size())
+                               for t in self.model.state_dict().values())
+        per_param = 8 * (2 if self.state["undo"] else 1) + (2 if self.cfg.prior_center == "start" else 0)
+        # x2: a new checkpoint is written next to the old one before it replaces it.
+        need = estimate_run_disk(bytes_per_sample, self.n_samples, 2 * self.num_params * per_param)
+        check_free_disk(self.cfg.out_dir, need, what=f"{self.n_samples} samples and a checkpoint")
+
+    def _backup_fits(self) -> bool:
+        """Undoing a rejected step needs a copy of x and v (8 bytes/parameter)."""
+        need = self.num_params * 8
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info()[0] > 2 * need
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return False
+        return avail > 4 * need
+
+    def _make_backup(self):
+        return [(s.position(copy=True), s.v.clone()) for s in self.sampler.shards]
+
+    def _make_probe(self) -> dict:
+        """A fixed held-out batch and, per position, the starting model's top-5 next tokens."""
+        seqs = self.data.heldout[:PROBE_SEQUENCES, : PROBE_POSITIONS + 1].to(self.device)
+        probs = self._next_token_probs(seqs[:, :-1])
+        top = probs.topk(PROBE_TOP, dim=-1).indices
+        return {"inputs": seqs[:, :-1], "top_ids": top}
+
+    # -- model evaluations ------------------------------------------------------------------
+    @torch.no_grad()
+    def _next_token_probs(self, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(inputs).logits.float(), dim=-1)
+
+    @torch.no_grad()
+    def heldout_loss(self) -> float:
+        seqs = self.data.heldout[:HELDOUT_EVAL_SEQUENCES].to(self.device)
+        return float(lm_loss(self.model, seqs[:, :-1], seqs[:, 1:]))
+
+    def _loss_and_grad(self, cursor: int) -> tuple[float, int]:
+        """Minibatch loss at the current weights; gradients land in the sampler's buffer."""
+        loss, tokens = self._loss_and_grad_on_device(cursor)
+        return float(loss), tokens
+
+    def _next_batch(self) -> int:
+        """The cursor of the next gradient's minibatch. MCLMC: both gradients of a full step
+        share one (the step then integrates one potential), so only a start call moves on."""
+        if self.cfg.sampler == "mclmc" and self.sampler.phase in ("mid", "mid_close"):
+            return self.state["cursor"] - 1
+        self.state["cursor"] += 1
+        return self.state["cursor"] - 1
+
+    @torch.no_grad()
+    def _batch_loss(self, cursor: int) -> torch.Tensor:
+        seqs = self._minibatch(cursor)
+        return lm_loss(self.model, seqs[:, :-1], seqs[:, 1:])
+
+    def _minibatch(self, cursor: int) -> torch.Tensor:
+        seqs = self.data.train[self.order.batch(cursor)]
+        if self.device.type == "cuda":  # from pageable memory the copy would wait for the GPU
+            return seqs.pin_memory().to(self.device, non_blocking=True)
+        return seqs.to(self.device)
+
+    def _loss_and_grad_on_device(self, cursor: int) -> tuple[torch.Tensor, int]:
+        """As _loss_and_grad, the loss left on the device (float64 scalar): reading it syncs."""
+        seqs = self._minibatch(cursor)
+        micro = self.cfg.micro_batch or len(seqs)
+        self.sampler.zero_grad()
+        shards = self.sampler.shards
+        # bf16 gradients of several micro-batches are accumulated in fp32.
+        acc = [torch.zeros_like(s.g, dtype=torch.float32) for s in shards] \
+            if micro < len(seqs) and shards[0].g.dtype != torch.float32 else None
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for part in seqs.split(micro):
+            loss = lm_loss(self.model, part[:, :-1], part[:, 1:]) * (len(part) / len(seqs))
+            loss.backward()
+            total += loss.detach().double()  # the float64 sum that Python floats gave, no sync
+            if acc is not None:
+                for a, s in zip(acc, shards):
+                    a.add_(s.g.float())
+                    s.g.zero_()
+        if acc is not None:
+            for a, s in zip(acc, shards):
+                s.g.copy_(a)
+        return total, seqs[:, 1:].numel()
+
+    # -- dt auto ------------------------------------------------------------------------
+    def _trial(self, dt: float, start: float) -> dt_auto.Trial:
+        """A few steps from the current state on fixed batches, then everything restored.
+
+        start: the mean loss of the current state on those batches (the same for every trial).
+        """
+        # The snapshot of x and v goes to host memory: on a GPU a device copy (8 bytes/parameter,
+        # 11.6 GiB at GPT-2 XL) would not fit a 24 GB card next to the state.
+        saved = map_tensors(self.sampler.state_dict(), lambda t: t.to("cpu", copy=True))
+        cursors = range(self.cfg.dt_trial_steps)
+        self._set_dt(dt)
+        for c in cursors:
+            loss, _ = self._loss_and_grad(c)
+            if not math.isfinite(loss):
+                break
+            self.sampler.step()
+        end = self._mean_loss(cursors) if math.isfinite(loss) else math.inf
+        self.sampler.load_state_dict(saved)
+        trial = dt_auto.Trial(dt=dt, start_loss=start, end_loss=end,
+                           stable=dt_auto.is_stable(start, end, self.tolerance))
+        self.log.write({"type": "dt_trial", **trial.__dict__})
+        self.say(f"  dt trial {dt:.3g}: loss {start:.4f} -> {end:.4f} "
+                 f"({'stable' if trial.stable else 'diverged'})")
+        return trial
+
+    @torch.no_grad()
+    def _mean_loss(self, cursors) -> float:
+        losses = [float(self._batch_loss(c)) for c in cursors]
+        return sum(losses) / len(losses)
+
+    def _set_dt(self, dt: float) -> None:
+        for group in self.sampler.param_groups:
+            group["dt"] = dt
+        if self.state.get("L") is not None:  # MCLMC: L rides along as its refresh rate
+            self.sampler.L = self.state["L"]
+
+    def choose_dt(self) -> float:
+        if self.cfg.sampler == "mclmc":
+            return self._tune_mclmc()
+        if self.cfg.dt != "auto":
+            return float(self.cfg.dt)
+        self.say(f"choosing dt (--dt auto): trials of {self.cfg.dt_trial_steps} steps from "
+                 f"dt0 = 0.03/sqrt(D), tolerance {self.tolerance:.3g} nats")
+        start = self._mean_loss(range(self.cfg.dt_trial_steps))
+        dt, trials = dt_auto.search_dt(lambda dt: self._trial(dt, start), dt_auto.initial_dt(self.num_params))
+        self.state["dt_trials"] = [t.__dict__ for t in trials]
+        self.say(f"dt = {dt:.4g} ({len(trials)} trials)")
+        return dt
+
+    def _tune_mclmc(self) -> float:
+        """MCLMC's step size (and L in state['L']): tuned on the first burn-in gradients, or given."""
+        st = self.state
+        if needs_tuning(self.cfg):
+            def next_loss() -> tuple[torch.Tensor, torch.Tensor | None]:
+                # The tuner reads the energy change of each full step, so both of its ends are
+                # scored on the step's own minibatch: one extra forward pass per full step.
+                start = self.sampler.phase == "start"
+                end = self._batch_loss(st["cursor"] - 1) if start and st["cursor"] > 0 else None
+                loss, _ = self._loss_and_grad_on_device(self._next_batch())
+                st["step"] += 1
+                return loss, end
+
+            eps, L, record = tune_in_burn_in(self.cfg, self.sampler, next_loss, self.say)
+            self.log.write(record)
+        else:
+            eps, L = float(self.cfg.dt), float(self.cfg.L)
+        st["L"] = L
+        return eps
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _save_checkpoint(self) -> None:
+        self.writer.flush()  # a checkpoint at step t promises every sample up to t is on disk
+        save_checkpoint(self.ckpt_path, {
+            "config": self.cfg.chain_defining(), "state": self.state,
+            "sampler": self.sampler.state_dict(),
+            "backup": self._backup,
+        })
+        self.log.write({"type": "checkpoint", "step": self.state["step"]})
+
+    def _load_checkpoint(self) -> None:
+        ckpt = load_checkpoint(self.ckpt_path)
+        if ckpt is None:
+            self.say(f"--resume: no checkpoint in {self.ckpt_path.parent}, starting fresh")
+            return
+        if ckpt["config"] != self.cfg.chain_defining():
+            diff = sorted(k for k in ckpt["config"] if ckpt["config"][k] != self.cfg.chain_defining().get(k))
+            raise ValueError(f"--resume: the checkpoint was made with different settings ({', '.join(diff)}); "
+                             f"resume with the same ones, or start a new run with --overwrite")
+        self.sampler.load_state_dict(ckpt["sampler"])
+        self.state = ckpt["state"]
+        self._backup = None
+        if self.state["undo"]:  # the original run undid rejected steps: so does its resume
+            self._backup = [(cx.to(self.device), cv.to(self.device)) for cx, cv in ckpt["backup"]]
+        self.resumed = True
+        self.say(f"resumed from step {self.state['step']} ({self.ckpt_path})")
+
+    # -- the loop -------------------------------------------------------------------------
+    def _undo_last_step(self) -> None:
+        """Restore x and v from before the last update and reverse v (the ray bounces back)."""
+        for shard, (bx, bv) in zip(self.sampler.shards, self._backup):
+            shard.set_position(bx)  # and the compute copy (or, fp32-split, both planes)
+            shard.v.copy_(bv).neg_()
+
+    def run(self) -> Path:
+        cfg, st = self.cfg, self.state
+        frozen = {n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        self.writer = SampleWriter(cfg.out_dir, model_config=self.model.config,
+                                   named_tensors=self._named_tensors(), frozen=frozen,
+                                   sample_dtype=torch.float32 if cfg.sample_dtype == "fp32" else None,
+                                   run_config=self.manifest_config())
+        with self.writer:
+            if st["dt"] is None:
+                st["dt"] = self.choose_dt()
+                self.writer.update_config(self.manifest_config())
+            self._set_dt(st["dt"])
+            self._loop()
+            self._save_checkpoint()
+        self.say(f"done: {self.n_samples} samples in {cfg.out_dir / 'samples'}, manifest "
+                 f"{cfg.out_dir / 'ensemble.json'}, log {self.log.path}")
+        return cfg.out_dir
+
+    def _loop(self) -> None:
+        cfg, st = self.cfg, self.state
+        last_ckpt = time.monotonic()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=st["step"], desc="sampling", dynamic_ncols=True,
+                   disable=not os.isatty(2))
+        # An MCLMC sample waits for its full step's end when a divergence restarted a step off the
+        # even grid (MCLMC._diverge): the run then takes one gradient more for it.
+        while st["step"] < cfg.steps or st.get("sample_due") is not None:
+            t = st["step"]
+            t0 = time.perf_counter()
+            loss, tokens = self._loss_and_grad_on_device(self._next_batch())
+            stepped = self._backup is None
+            if stepped:
+                # Without an undo copy the step is taken whatever the loss (a jump only flags the
+                # samples after it): read the loss after the step, whose sync for the scalar rule
+                # has brought it over by then. One host sync per step instead of two.
+                loss = _HostScalar(loss)
+                self._sampler_step(loss)
+            loss = float(loss)
+            record = {"type": "step", "step": t, "loss": loss, "dt": st["dt"],
+                      "phase": "burn-in" if t < cfg.burn_in else "sampling"}
+            jump = st["prev_loss"] is not None and (not math.isfinite(loss) or
+                                                    loss - st["prev_loss"] > (cfg.reject_threshold or math.inf))
+            undo = jump and self._backup is not None
+            if jump:
+                record["rejected"] = "undone" if undo else "flagged for masking"
+            if undo:
+                self._undo_last_step()
+            else:
+                if jump:  # no room to undo: keep the step, mask the samples that follow it
+                    st["flagged"].append(t)
+                if self._backup is not None:
+                    for shard, (bx, bv) in zip(self.sampler.shards, self._backup):
+                        bx.copy_(shard.position())
+                        bv.copy_(shard.v)
+                if not stepped:
+                    self._sampler_step(loss)
+                st["prev_loss"] = loss
+                record.update(self.sampler.last_info, ln_luminosity=self.sampler.ln_luminosity)
+            st["step"] = t + 1
+            is_sample = t < cfg.steps and t >= cfg.burn_in and (t - cfg.burn_in + 1) % cfg.thin == 0
+            sample_t = None
+            off_grid = cfg.sampler == "mclmc" and self.sampler.phase != "start"
+            if is_sample and off_grid:
+                st["sample_due"] = t
+            elif is_sample:
+                sample_t = t
+            elif st.get("sample_due") is not None and not off_grid:
+                sample_t, st["sample_due"] = st["sample_due"], None
+            need_heldout = sample_t is not None or t % cfg.log_every == 0 or t + 1 == cfg.steps
+            if need_heldout:
+                record["heldout_loss"] = self.heldout_loss()
+            if t % cfg.log_every == 0 or t + 1 == cfg.steps:
+                self._log_probe(t)
+            if sample_t is not None:
+                index = (sample_t - cfg.burn_in + 1) // cfg.thin - 1
+                masked = any(sample_t - cfg.thin < f <= t for f in st["flagged"])
+                self.writer.submit(index=index, chain=cfg.chain, step=t + 1, loss=loss,
+                                   heldout_loss=record["heldout_loss"], masked=masked)
+            record["tokens_per_s"] = tokens / (time.perf_counter() - t0)
+            record["peak_memory_bytes"] = peak_memory_bytes(self.device)
+            self.log.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", heldout=f"{record.get('heldout_loss', float('nan')):.3f}",
+                            angle=f"{record.get('angle', 0.0):.2e}")
+            due = (st["step"] % cfg.checkpoint_every == 0) if cfg.checkpoint_every else \
+                time.monotonic() - last_ckpt > CHECKPOINT_SECONDS
+            if due and st["step"] < cfg.steps:
+                self._save_checkpoint()
+                last_ckpt = time.monotonic()
+        bar.close()
+
+    def _sampler_step(self, loss) -> None:
+        self.writer.wait_snapshot()  # the update must not overwrite a sample mid-copy
+        if self.cfg.sampler == "mclmc":
+            self.sampler.step(loss=loss)  # the loss tracks MCLMC's energy
+        else:
+            self.sampler.step()
+
+    def _log_probe(self, step: int) -> None:
+        probs = self._next_token_probs(self.probe["inputs"])
+        picked = probs.gather(-1, self.probe["top_ids"])
+        self.log.write({"type": "probe", "step": step,
+                        "probs": [[round(float(p), 7) for p in row] for row in picked.reshape(-1, PROBE_TOP)]})
+
+
+class _HostScalar:
+    """A device scalar copied to pinned host memory without waiting for the GPU; float() waits
+    only if the copy has not landed yet (after a later host sync on the stream, it has)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self._event = None
+        if value.is_cuda:
+            host = torch.empty((), dtype=value.dtype, pin_memory=True)
+            host.copy_(value, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            value = host
+        self._value = value
+
+    def __float__(self) -> float:
+        if self._event is not None and not self._event.query():
+            self._event.synchronize()
+        return float(self._value)
+
+
+def sample(cfg: SampleConfig, *, resume: bool = False, overwrite: bool = False,
+           log: Callable[[str], None] = print) -> Path:
+    """Run a sampling job end to end; returns the output directory."""
+    return SamplingRun(cfg, resume=resume, overwrite=overwrite, log=log).run()

@@ -1,0 +1,9 @@
+"""Samples on disk: the writer, the manifest, the run log, and the ensemble reader.
+
+`writer` writes each sample as a `from_pretrained` directory (safetensors, off the hot loop,
+atomically); `manifest` is ensemble.json (hashes, per-sample records) and the atomic-write
+helpers; `runlog` the JSON-lines log of a run; `ensemble` reads an ensemble back lazily
+(`rtllm.Ensemble`, `rtllm.load_sample`).
+
+May import: torch, safetensors. Knows nothing of samplers, runs or evaluation.
+"""
