@@ -2,20 +2,37 @@
 
 A checkpoint holds the sampler state (position, velocity, clock, ln_luminosity, seed, step
 counter), the loop's step and data cursor, the chosen dt and the chain-defining configuration.
-It is written atomically (temporary file, fsync, rename), so a kill during the write leaves the
-previous checkpoint intact and never a truncated file under the final name.
+It is one safetensors file: the tensors in its data section, everything else as JSON in its
+header metadata. No pickle: reading a checkpoint can never run code (a crafted file in an
+output directory is only data). The tensors are written in slices of at most 64 MiB, so the
+host never stages the whole state (17 GiB at GPT-2 XL). The write is atomic (temporary file,
+fsync, rename): a kill leaves the previous checkpoint intact, never a torn one.
 """
 from __future__ import annotations
 
+import errno
+import json
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
-CHECKPOINT_VERSION = 1
+from rtllm.store.manifest import _CHUNK, _ST_DTYPES, _fsync_dir
+from rtllm.store.writer import _header, _Slot
+
+CHECKPOINT_VERSION = 2  # 1 was a torch.save pickle: never read
+_META_KEY = "rtllm_checkpoint"
+_TMP_MARK = ".tmp-"
 
 
 def checkpoint_path(out_dir: Path, chain: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"chain-{chain:03d}.safetensors"
+
+
+def pickle_checkpoint_path(out_dir: Path, chain: int) -> Path:
+    """Where rtllm before checkpoint version 2 left its (pickle) checkpoint."""
     return Path(out_dir) / "checkpoints" / f"chain-{chain:03d}.pt"
 
 
@@ -35,33 +52,127 @@ def cloned(state):
     return map_tensors(state, torch.Tensor.clone)
 
 
+# -- JSON with the types a state needs -----------------------------------------------------------
+# Plain JSON loses tuples, int dict keys and non-finite floats; tagged objects keep them, so a
+# loaded state equals the saved one exactly (floats round-trip through repr bit for bit).
+def _encode(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return {"__tensor__": f"t{len(tensors) - 1:06d}"}
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else {"__float__": repr(obj)}
+    if hasattr(obj, "item") and type(obj).__module__ == "numpy":  # numpy scalar
+        return _encode(obj.item(), tensors)
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    raise TypeError(f"a checkpoint cannot hold a {type(obj).__name__} ({obj!r})")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__float__" in obj:
+        return float(obj["__float__"])
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+# -- write and read -----------------------------------------------------------------------------
 def save_checkpoint(path: Path, state: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tensors: list[torch.Tensor] = []
+    meta = json.dumps({"version": CHECKPOINT_VERSION, "state": _encode(state, tensors)},
+                      allow_nan=False, separators=(",", ":"))
+    slots, offset = [], 0
+    # Widest elements first, as the sample files: every tensor stays aligned in the file.
+    for i in sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size()):
+        t = tensors[i]
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"a checkpoint cannot hold a {t.dtype} tensor")
+        n = t.numel() * t.element_size()
+        slots.append(_Slot(f"t{i:06d}", t, t.dtype, tuple(t.shape), offset, offset + n, False))
+        offset += n
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save({"version": CHECKPOINT_VERSION, **map_tensors(state, lambda t: t.detach().to('cpu', copy=True))}, f)
+            f.write(_header(slots, {"format": "pt", _META_KEY: meta}))
+            for slot in slots:
+                _write_sliced(f, slot.source)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)  # make the rename itself durable
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"writing the checkpoint {path} failed: the disk is full "
+                          f"(the previous checkpoint is intact); free some space and resume the "
+                          f"run with --resume") from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def _write_sliced(f, tensor: torch.Tensor) -> None:
+    """The tensor's bytes, copied to the host one slice of at most _CHUNK bytes at a time."""
+    flat = tensor.detach().reshape(-1)
+    step = max(1, _CHUNK // max(1, flat.element_size()))
+    for i in range(0, flat.numel(), step):
+        piece = flat[i:i + step].to("cpu").contiguous()
+        f.write(memoryview(piece.view(torch.uint8).numpy()))
+
+
 def load_checkpoint(path: Path) -> dict | None:
     """The checkpoint at `path`, or None when there is none (a fresh start)."""
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} is a version {state.get('version')} checkpoint; this rtllm reads "
-                         f"version {CHECKPOINT_VERSION}: start a new run (without --resume)")
-    return state
+    remedy = "delete it to start the chain over (--overwrite), or restore it from a copy"
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = (f.metadata() or {}).get(_META_KEY)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"checkpoint {path} cannot be read ({reason}); {remedy}") from None
+    try:
+        saved = json.loads(meta)
+        version = saved.get("version")
+    except (TypeError, ValueError, AttributeError):
+        raise ValueError(f"checkpoint {path} holds no rtllm state; {remedy}") from None
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is a version {version} checkpoint; this rtllm reads version "
+                         f"{CHECKPOINT_VERSION}: start a new run (without --resume)")
+    try:
+        return _decode(saved["state"], tensors)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint {path} is damaged ({type(err).__name__}: {err}); {remedy}") from None
+
+
+def remove_stale_temporaries(checkpoint_dir: Path) -> list[Path]:
+    """Delete `.NAME.tmp-PID` files that killed checkpoint writes left; returns them.
+
+    Call only while holding the run's lock: then no other process is writing one."""
+    stale = sorted(Path(checkpoint_dir).glob(f".chain-*{_TMP_MARK}*")) if Path(checkpoint_dir).is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

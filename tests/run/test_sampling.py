@@ -75,7 +75,7 @@ def test_sigkill_then_resume_is_byte_identical(model_dir, train_file, tmp_path):
     deadline = time.time() + 300
     # Kill once a checkpoint exists and a few samples are on disk, mid-run.
     while time.time() < deadline and proc.poll() is None:
-        if (out / "checkpoints" / "chain-000.pt").exists() and len(list((out / "samples").glob("0*"))) >= 3:
+        if (out / "checkpoints" / "chain-000.safetensors").exists() and len(list((out / "samples").glob("0*"))) >= 3:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
