@@ -5,6 +5,7 @@ complete local model directory is rejected with a one-line error saying what to 
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def load_model_and_tokenizer(model_dir: str | Path, *, dtype: torch.dtype | None
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a Hugging Face model directory (no config.json); pass a "
                          f"directory written by save_pretrained")
+    check_safetensors_weights(path)  # before anything reads them: one clear line per problem
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (ValueError, OSError, KeyError) as err:
@@ -53,13 +55,66 @@ def load_model_and_tokenizer(model_dir: str | Path, *, dtype: torch.dtype | None
                          f"{config.model_type!r}), which is not a causal LM; pass a causal-LM "
                          f"directory (e.g. GPT-2, Llama)")
     tokenizer = load_tokenizer(path, f"tokenizer.save_pretrained({str(path)!r})")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, **{_dtype_kwarg(): dtype if dtype is not None else "auto"})
-    except OSError as err:
-        raise ValueError(f"cannot load the weights in {path} ({_first_line(err)}); the directory "
-                         f"needs model.safetensors (or pytorch_model.bin) from save_pretrained") from err
+    model = load_weights(AutoModelForCausalLM, path, dtype)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} tokens but the model's "
+                         f"embedding has {rows} rows: the tokenizer does not belong to these "
+                         f"weights; save the model's own tokenizer there")
     return model.to(device), tokenizer
+
+
+def load_weights(auto_class, path: Path, dtype: torch.dtype | None = None):
+    """`auto_class.from_pretrained(path)` from safetensors only, refusing any weight mismatch.
+
+    transformers would quietly initialise every weight the files lack (a config with more layers,
+    another model type) at random; here a missing, unexpected or mis-shaped tensor is an error
+    naming it. Pickle weights (pytorch_model.bin) are never loaded: unpickling can run code.
+    """
+    from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
+
+    check_safetensors_weights(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would repeat, at length, what we raise
+    try:
+        model, info = auto_class.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, output_loading_info=True,
+            **{_dtype_kwarg(): dtype if dtype is not None else "auto"})
+    except (OSError, SafetensorError, RuntimeError, ValueError) as err:
+        raise ValueError(f"cannot load the weights in {path} ({_first_line(err)}); the directory "
+                         f"needs complete model.safetensors files from save_pretrained") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    for kind, remedy in (("missing_keys", "the files lack them"),
+                         ("unexpected_keys", "the model has no place for them"),
+                         ("mismatched_keys", "their shapes differ from config.json")):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or ())
+        if names:
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            raise ValueError(f"config.json in {path} does not match its weights: {len(names)} "
+                             f"{kind.replace('_keys', '')} tensor(s) ({shown}; {remedy}); pass the "
+                             f"directory save_pretrained wrote, config and weights together")
+    return model
+
+
+def check_safetensors_weights(path: Path) -> None:
+    """A one-line ValueError unless `path` holds readable safetensors weights."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        if pickles:
+            raise ValueError(
+                f"{path} holds only pickle weights ({', '.join(pickles[:2])}), which rtllm never "
+                f"loads (unpickling can run code); convert them once, in a place you trust: "
+                f"AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir) writes "
+                f"model.safetensors")
+        raise ValueError(f"{path} holds no model.safetensors; pass a directory written by "
+                         f"save_pretrained")
+    for f in [path / "config.json", *files]:
+        if not os.access(f, os.R_OK):
+            raise ValueError(f"{f} is not readable (permission denied); fix its permissions "
+                             f"(chmod u+r) or copy the model to a directory you can read")
 
 
 def load_tokenizer(path: Path, remedy: str):
