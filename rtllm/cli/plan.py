@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from rtllm.state.layouts import DEFAULT_LAYOUT, LAYOUTS
 
@@ -48,9 +49,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if args.dt != "auto":
         try:
-            float(args.dt)
+            dt = float(args.dt)
         except ValueError:
             raise ValueError(f"--dt must be 'auto' or a number, got {args.dt!r}") from None
+        if not math.isfinite(dt) or dt <= 0:
+            raise ValueError(f"--dt must be 'auto' or a finite number > 0, got {args.dt!r}")
     config = config_for(args.model)
     context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     shape = model_shape(config, params=args.params, ray_per=args.ray_per, name=args.model)

@@ -100,18 +100,21 @@ def _check_entry(out_dir: Path, entry: dict, verify: bool) -> None:
     if out_dir.resolve() not in sample_dir.resolve().parents:
         raise ValueError(f"manifest entry of sample {entry['index']} points outside {out_dir} "
                          f"({entry['path']!r}); the manifest was edited: restore it")
-    for name in ("config.json", WEIGHTS):
+    # Every file of the sample is hashed in the manifest ("files"); older manifests: the weights.
+    files = entry.get("files") or {WEIGHTS: entry["sha256"]}
+    for name in sorted({"config.json", WEIGHTS} | set(files)):
         if not (sample_dir / name).is_file():
             raise ValueError(f"{sample_dir / name} is missing but {out_dir / 'ensemble.json'} "
                              f"lists sample {entry['index']}; restore the file or resume the run "
                              f"to re-create the sample")
     if verify:
-        actual = sha256_file(sample_dir / WEIGHTS)
-        if actual != entry["sha256"]:
-            raise ValueError(f"{sample_dir / WEIGHTS} has sha256 {actual} but the manifest "
-                             f"records {entry['sha256']}: the file changed after it was written; "
-                             f"restore it or resume the run to re-create sample {entry['index']} "
-                             f"(verify=False skips this check)")
+        for name, digest in sorted(files.items()):
+            actual = sha256_file(sample_dir / name)
+            if actual != digest:
+                raise ValueError(f"{sample_dir / name} has sha256 {actual} but the manifest "
+                                 f"records {digest}: the file changed after it was written; "
+                                 f"restore it or resume the run to re-create sample {entry['index']} "
+                                 f"(verify=False skips this check)")
 
 
 def _brief(indices: list[int]) -> str:

@@ -63,10 +63,20 @@ def check_free_disk(out_dir: Path, needed_bytes: int, what: str = "the run") -> 
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed_bytes:
+        need_text, free_text = distinct_gb(needed_bytes, free)
         raise ValueError(
-            f"{what} needs {needed_bytes / 1e9:.2f} GB under {out_dir} but only "
-            f"{free / 1e9:.2f} GB is free there; free some space, write to another directory, "
+            f"{what} needs {need_text} GB under {out_dir} but only "
+            f"{free_text} GB is free there; free some space, write to another directory, "
             f"keep fewer samples, or store them in a smaller dtype")
+
+
+def distinct_gb(a: int, b: int) -> tuple[str, str]:
+    """Both byte counts in GB with the fewest decimals (at least 2) that tell them apart."""
+    for decimals in range(2, 10):
+        x, y = f"{a / 1e9:.{decimals}f}", f"{b / 1e9:.{decimals}f}"
+        if x != y:
+            break
+    return x, y
 
 
 # -- atomic files -------------------------------------------------------------------------------
@@ -173,6 +183,15 @@ class Manifest:
                 isinstance(s, dict) and needed <= s.keys() for s in samples):
             raise ValueError(f"{path} has a malformed 'samples' list (each entry needs "
                              f"{sorted(needed)}); restore the file or resume the run")
+        for s in samples:
+            for key in ("index", "chain", "step"):
+                if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < 0:
+                    raise ValueError(f"{path}: a sample's {key!r} is {s[key]!r}, not an integer "
+                                     f">= 0; restore the file or resume the run")
+            if not isinstance(s["path"], str) or not isinstance(s["sha256"], str) or \
+                    not isinstance(s.get("files", {}), dict):
+                raise ValueError(f"{path}: sample {s['index']} has a malformed path, sha256 or "
+                                 f"files entry; restore the file or resume the run")
         return cls(out_dir, data.get("config", {}), samples)
 
     @classmethod

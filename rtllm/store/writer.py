@@ -353,8 +353,9 @@ class SampleWriter:
             _fsync_dir(tmp)
             if sha256_file(tmp / WEIGHTS) != digest:
                 raise OSError(errno.EIO, f"{tmp / WEIGHTS} reads back different bytes")
+            files = sample_file_hashes(tmp, known={WEIGHTS: digest})
             old = self._manifest.get(job.chain, job.index)
-            if old is not None and old["sha256"] != digest:
+            if old is not None and (old["sha256"] != digest or old.get("files") != files):
                 # Unlist first: the manifest must never name a file whose hash it does not match.
                 self._manifest.remove(job.chain, job.index)
                 self._manifest.save()
@@ -364,7 +365,8 @@ class SampleWriter:
         self._manifest.add({
             "index": job.index, "chain": job.chain, "step": job.step,
             "path": f"{SAMPLES}/{name}", "sha256": digest, "dtype": self.dtype_name,
-            "loss": job.loss, "heldout_loss": job.heldout_loss, "masked": job.masked})
+            "loss": job.loss, "heldout_loss": job.heldout_loss, "masked": job.masked,
+            "files": files})
         self._manifest.save()
 
 
@@ -380,14 +382,20 @@ def _write_synced(path: Path, chunks: list) -> str:
     return h.hexdigest()
 
 
+def sample_file_hashes(sample_dir: Path, known: Mapping[str, str] = {}) -> dict[str, str]:
+    """sha256 of every file in a sample directory, by name (`known`: digests already computed)."""
+    return {p.name: known.get(p.name) or sha256_file(p)
+            for p in sorted(Path(sample_dir).iterdir()) if p.is_file()}
+
+
 def _install(tmp: Path, final: Path) -> None:
     """Move a complete sample directory into place. A new index: one directory rename. An
     existing one: rename(2) cannot replace a non-empty directory, so each file is replaced
-    atomically (config first, then weights): a reader sees complete files at every moment."""
+    atomically (the weights last): a reader sees complete files at every moment."""
     if not final.exists():
         os.rename(tmp, final)
     else:
-        for name in ("config.json", WEIGHTS):
+        for name in sorted((p.name for p in tmp.iterdir()), key=lambda n: n == WEIGHTS):
             os.replace(tmp / name, final / name)
         _fsync_dir(final)
     _fsync_dir(final.parent)
