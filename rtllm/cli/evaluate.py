@@ -33,6 +33,8 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
       "in the manifest exceeds this")
     a("--include-masked", action="store_true", help="use the samples the run marked masked too")
     a("--device", default="auto", help="cpu, cuda, cuda:N or auto (%(default)s)")
+    a("--encoding", help="encoding of the text files, e.g. latin-1 (default: UTF-8; text that does not "
+      "decode is refused)")
     a("--out", required=True, help="directory for summary.json and tokens.jsonl")
 
 
@@ -46,7 +48,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         seq_len=args.seq_len, max_samples=args.max_samples,
                         max_memory=args.max_memory, mask="manifest" if masking else None,
                         mask_heldout_above=args.mask_heldout_above if masking else None,
-                        device=args.device,
+                        device=args.device, encoding=args.encoding,
                         progress=lambda m: print(f"rtllm evaluate: {m}", file=sys.stderr))
 
     out = Path(args.out)

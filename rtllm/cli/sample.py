@@ -69,6 +69,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
       "steps (default: 80/10/10%% of the burn-in; MILE uses 40000 5000 5000)")
     a("--init", help="start from the weights in this directory (same architecture as --model)")
     a("--device", default="auto", help="cpu, cuda, cuda:N or auto (%(default)s)")
+    a("--encoding", help="encoding of the text files, e.g. latin-1 (default: UTF-8; text that does not "
+      "decode is refused)")
     a("--deterministic", action="store_true", help="deterministic CUDA kernels (bit-identical resume on GPU)")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     a("--overwrite", action="store_true", help="replace an earlier rtllm run in --out")
@@ -86,7 +88,8 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
         sample_dtype=args.sample_dtype, activation_checkpoint_every=args.activation_checkpoint_every,
         layout=args.layout, seed=args.seed, device=args.device,
         deterministic=args.deterministic, sampler=args.sampler, L=args.L,
-        tune_phases=tuple(args.tune_phases) if args.tune_phases else None, init=args.init)
+        tune_phases=tuple(args.tune_phases) if args.tune_phases else None, init=args.init,
+        encoding=args.encoding)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -55,7 +55,8 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
              sample_weights: Mapping[int, float] | Sequence[float] | None = None,
              mask: None | str | Callable[[dict], bool] = None,
              mask_heldout_above: float | None = None, device: str | torch.device = "cpu",
-             progress: Callable[[str], None] | None = None) -> EvalResult:
+             progress: Callable[[str], None] | None = None,
+             encoding: str | None = None) -> EvalResult:
     """Per-token BMA metrics of the ensemble in `ensemble_dir` on `texts` (files/directories).
 
     `ood_texts`: out-of-distribution texts, scored too (is_ood) and used for the OOD AUROCs.
@@ -66,6 +67,7 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
     "manifest" (the run's masked flags) or a function entry -> True to drop;
     `mask_heldout_above` additionally drops samples whose manifest heldout_loss exceeds it.
     `max_samples`: that many of the remaining samples, evenly spaced in manifest order.
+    `encoding`: of the text files (default: UTF-8, strictly).
     """
     say = progress or (lambda message: None)
     device = resolve_device(device)
@@ -90,7 +92,7 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
                          f"model's vocabulary has {vocab}: the tokenizer files do not belong to "
                          f"these samples; copy the starting checkpoint's tokenizer there")
     windows, is_ood_w, seq_len = make_windows(tokenizer, texts, ood_texts, seq_len,
-                                              context_length(config))
+                                              context_length(config), encoding=encoding)
     logit_bytes = max(4, torch.finfo(dtype).bits // 8)
     per_chunk = windows_per_chunk(budget, seq_len, vocab, logit_bytes)
     block_bytes = max(1, budget // 8)
@@ -244,10 +246,10 @@ def check_same_tokenizer(ours, theirs, our_dir: Path, their_dir: Path) -> None:
                          f"the ensemble was sampled from")
 
 
-def _stream(tokenizer, paths, what: str) -> torch.Tensor:
+def _stream(tokenizer, paths, what: str, encoding: str | None = None) -> torch.Tensor:
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    texts = read_texts(paths)
+    texts = read_texts(paths, encoding)
     stream, _ = tokenize_texts(texts, tokenizer)
     if len(stream) < 2:
         names = ", ".join(str(p) for p, _ in texts)
@@ -256,12 +258,12 @@ def _stream(tokenizer, paths, what: str) -> torch.Tensor:
     return stream
 
 
-def make_windows(tokenizer, texts, ood_texts, seq_len: int | None, context: int
-                 ) -> tuple[torch.Tensor, np.ndarray, int]:
+def make_windows(tokenizer, texts, ood_texts, seq_len: int | None, context: int, *,
+                 encoding: str | None = None) -> tuple[torch.Tensor, np.ndarray, int]:
     """`(windows [W, T + 1], is_ood per window, T)`: in-distribution windows, then OOD ones."""
-    streams = [_stream(tokenizer, texts, "the evaluation text")]
+    streams = [_stream(tokenizer, texts, "the evaluation text", encoding)]
     if ood_texts:
-        streams.append(_stream(tokenizer, ood_texts, "the OOD text"))
+        streams.append(_stream(tokenizer, ood_texts, "the OOD text", encoding))
     if seq_len is None:
         seq_len = min(context, DEFAULT_MAX_SEQ_LEN, *(len(s) - 1 for s in streams))
     elif isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= context:

@@ -21,12 +21,13 @@ from torch import Tensor
 _SNIFF_BYTES = 8192
 
 
-def read_texts(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
+def read_texts(paths: Iterable[str | Path], encoding: str | None = None) -> list[tuple[Path, str]]:
     """Read text files, recursing into directories; returns `[(path, text), ...]`.
 
-    A named file is always read. Inside a directory every non-hidden file whose first 8 KiB
-    hold no NUL byte counts as text (so .txt, .md, extension-less files, ...); files are taken
-    in sorted path order. Text is decoded as UTF-8 with undecodable bytes replaced.
+    Inside a directory every non-hidden file whose first 8 KiB hold no NUL byte counts as text
+    (so .txt, .md, extension-less files, ...); files are taken in sorted path order. A named
+    file holding a NUL byte is binary and refused. Text is decoded strictly: as UTF-8, or as
+    `encoding` when given; a file that does not decode is refused (never silently replaced).
     """
     files: list[Path] = []
     for raw in paths:
@@ -48,10 +49,28 @@ def read_texts(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
         key = path.resolve()
         if key not in seen:  # a file named twice (directly and via its directory) counts once
             seen.add(key)
-            texts.append((path, path.read_text(encoding="utf-8", errors="replace")))
+            texts.append((path, decode_text(path, encoding)))
     if not texts:
         raise ValueError("no text paths given; pass at least one text file or directory")
     return texts
+
+
+def decode_text(path: Path, encoding: str | None = None) -> str:
+    """The text of `path`; a one-line ValueError for a binary file or bytes that do not decode."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise ValueError(f"{path} is a binary file (it holds NUL bytes), not text; pass text files")
+    name = encoding or "utf-8"
+    try:
+        return data.decode(name)
+    except LookupError:
+        raise ValueError(f"--encoding {name!r} is not an encoding Python knows; pass e.g. "
+                         f"utf-8, latin-1 or cp1252") from None
+    except UnicodeDecodeError as err:
+        hint = ("pass --encoding with the file's encoding (e.g. latin-1) or convert it to UTF-8"
+                if encoding is None else "pass the file's real encoding with --encoding")
+        raise ValueError(f"{path} is not valid {name} (byte {data[err.start]:#04x} at offset "
+                         f"{err.start}); {hint}") from None
 
 
 def _hidden(relative: Path) -> bool:

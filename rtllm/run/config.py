@@ -12,6 +12,7 @@ from pathlib import Path
 
 # The defaults give a useful ensemble on the built-in demo without tuning (docs/sampling.md).
 DEFAULT_LOSS_TOLERANCE = 0.05  # nats per token the posterior may sit above the optimum
+MAX_COUNT = 2**63 - 1  # largest step count, seed or size accepted: counters are int64 downstream
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class SampleConfig:
     L: float | str = "auto"
     tune_phases: tuple[int, int, int] | None = None
     init: str | None = None  # weights to start from (same architecture as `model`), e.g. a MILE member
+    encoding: str | None = None  # of the text files; None: UTF-8, strictly (rtllm.lm.data)
     extra: dict = field(default_factory=dict)  # free-form notes carried into the manifest
 
     def __post_init__(self) -> None:
@@ -65,6 +67,9 @@ class SampleConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= "
                                  f"{0 if allow_zero else 1}, got {value!r}")
+            if value > MAX_COUNT:
+                raise ValueError(f"--{name.replace('_', '-')} must be at most 2**63 - 1, "
+                                 f"got {value}")
 
         def positive_float(name: str, value) -> None:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \

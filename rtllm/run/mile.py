@@ -91,8 +91,8 @@ def run_mile(cfg: MileConfig, *, resume: bool = False, overwrite: bool = False,
         log(f"rank {launch.rank}: no member to run ({cfg.members} members, {launch.world_size} ranks)")
         return out
     tokenizer = load_tokenizer(Path(s.model), f"tokenizer.save_pretrained({s.model!r})")
-    data = TokenData.from_texts(tokenizer, read_texts(s.train),
-                                heldout=read_texts(s.heldout) if s.heldout else None,
+    data = TokenData.from_texts(tokenizer, read_texts(s.train, s.encoding),
+                                heldout=read_texts(s.heldout, s.encoding) if s.heldout else None,
                                 seq_len=s.seq_len, context=context_length(config_for(s.model)))
     for k in mine:
         say = (lambda m, k=k: log(f"[member {k}] {m}"))
