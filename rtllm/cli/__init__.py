@@ -58,9 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
+    from rtllm.run.signals import Interrupted, Stopped, exit_code, interrupt_on_signals, resume_command
+
     hf_logging.disable_progress_bar()  # our own progress bar and messages say what happens
+    argv = sys.argv[1:] if argv is None else list(argv)
+    resumable = args.command in ("sample", "mile")
     try:
-        return args.func(args)
+        with interrupt_on_signals():
+            return args.func(args)
+    except Stopped as stop:  # SIGINT/SIGTERM in the sampling loop: stopped at a safe point
+        print(f"rtllm {args.command}: {stop}; continue with: {resume_command(argv)}", file=sys.stderr)
+        return exit_code(stop.signum)
+    except Interrupted as stop:  # elsewhere: nothing half-written is ever listed as complete
+        then = f"; continue with: {resume_command(argv)}" if resumable else "; run it again"
+        print(f"rtllm {args.command}: interrupted by {stop}{then}", file=sys.stderr)
+        return exit_code(stop.signum)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
         # One line that says what is wrong and what to do; the traceback helps nobody here.
         print(f"rtllm {args.command}: error: {err}", file=sys.stderr)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,6 +19,8 @@ import torch
 from rtllm.run import dt_auto
 from rtllm.run.checkpoint import checkpoint_path, load_checkpoint, map_tensors, save_checkpoint
 from rtllm.run.config import SampleConfig, chain_seed
+from rtllm.run.recovery import check_listed_samples, claim_out_dir, prepare_resume, settings_differ
+from rtllm.run.signals import stop_on_signals
 from rtllm.lm.data import MinibatchOrder, TokenData, context_length, read_texts
 from rtllm.lm.loss import lm_loss
 from rtllm.lm.model_io import load_model_and_tokenizer, prepare_for_sampling, resolve_device, select_parameters
@@ -33,19 +34,9 @@ HELDOUT_EVAL_SEQUENCES = 8
 CHECKPOINT_SECONDS = 600.0
 
 
-def prepare_out_dir(cfg: SampleConfig, resume: bool, overwrite: bool) -> None:
-    out = cfg.out_dir
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a directory")
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise ValueError(f"--out {out} is not empty: pass --resume to continue its run or "
-                             f"--overwrite to replace it")
-        if not (out / RUN_MARKER).exists():
-            raise ValueError(f"--out {out} is not empty and holds no rtllm run ({RUN_MARKER}); "
-                             f"--overwrite only replaces rtllm outputs: choose another directory")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def prepare_out_dir(cfg: SampleConfig, resume: bool, overwrite: bool):
+    """Check, lock and (--overwrite) clear the output directory; the held lock (recovery.py)."""
+    return claim_out_dir(cfg.out_dir, resume=resume, overwrite=overwrite)
 
 
 class SamplingRun:
@@ -64,8 +55,8 @@ class SamplingRun:
         if cfg.init:
             load_init_weights(self.model, cfg.init)
         prepare_for_sampling(self.model, checkpoint_every=cfg.activation_checkpoint_every)
-        self.data = TokenData.from_texts(self.tokenizer, read_texts(cfg.train),
-                                         heldout=read_texts(cfg.heldout) if cfg.heldout else None,
+        self.data = TokenData.from_texts(self.tokenizer, read_texts(cfg.train, cfg.encoding),
+                                         heldout=read_texts(cfg.heldout, cfg.encoding) if cfg.heldout else None,
                                          seq_len=cfg.seq_len, context=context_length(self.model))
         self.order = MinibatchOrder(len(self.data.train), cfg.batch_size, chain_seed(cfg.seed, cfg.chain))
         sampled, _ = select_parameters(self.model, cfg.params)  # the rest no longer require grad
@@ -85,17 +76,22 @@ class SamplingRun:
         self.state = dict(step=0, cursor=0, dt=None, L=None, dt_trials=[], prev_loss=None, flagged=[],
                           undo=undo)
         self._check_disk()  # before --overwrite removes anything
-        prepare_out_dir(cfg, resume, overwrite)
-        self.ckpt_path = checkpoint_path(cfg.out_dir, cfg.chain)
-        self._backup = self._make_backup() if undo else None
-        # The probe follows the *starting* model's top tokens: built before a checkpoint loads.
-        self.probe = self._make_probe()
-        self.resumed = False
-        if resume:
-            self._load_checkpoint()
-        (cfg.out_dir / RUN_MARKER).write_text(json.dumps(self.manifest_config(), indent=2))
-        copy_tokenizer(cfg.model, cfg.out_dir)
-        self.log = RunLog(cfg.out_dir / f"log-chain-{cfg.chain:03d}.jsonl")
+        self._lock = prepare_out_dir(cfg, resume, overwrite)  # held until run() ends
+        try:
+            self.ckpt_path = checkpoint_path(cfg.out_dir, cfg.chain)
+            self._backup = self._make_backup() if undo else None
+            # The probe follows the *starting* model's top tokens: built before a checkpoint loads.
+            self.probe = self._make_probe()
+            self.resumed = False
+            if resume:
+                prepare_resume(cfg.out_dir, cfg.chain)
+                self._load_checkpoint()
+            (cfg.out_dir / RUN_MARKER).write_text(json.dumps(self.manifest_config(), indent=2))
+            copy_tokenizer(cfg.model, cfg.out_dir)
+            self.log = RunLog(cfg.out_dir / f"log-chain-{cfg.chain:03d}.jsonl")
+        except BaseException:
+            self._lock.release()
+            raise
 
     # -- set-up helpers ---------------------------------------------------------------------
     def manifest_config(self) -> dict:
@@ -288,8 +284,8 @@ class SamplingRun:
         if ckpt is None:
             self.say(f"--resume: no checkpoint in {self.ckpt_path.parent}, starting fresh")
             return
-        if ckpt["config"] != self.cfg.chain_defining():
-            diff = sorted(k for k in ckpt["config"] if ckpt["config"][k] != self.cfg.chain_defining().get(k))
+        diff = settings_differ(ckpt["config"], self.cfg.chain_defining())
+        if diff:
             raise ValueError(f"--resume: the checkpoint was made with different settings ({', '.join(diff)}); "
                              f"resume with the same ones, or start a new run with --overwrite")
         self.sampler.load_state_dict(ckpt["sampler"])
@@ -297,6 +293,7 @@ class SamplingRun:
         self._backup = None
         if self.state["undo"]:  # the original run undid rejected steps: so does its resume
             self._backup = [(cx.to(self.device), cv.to(self.device)) for cx, cv in ckpt["backup"]]
+        check_listed_samples(self.cfg.out_dir, self.cfg.chain, self.state["step"])
         self.resumed = True
         self.say(f"resumed from step {self.state['step']} ({self.ckpt_path})")
 
@@ -314,13 +311,17 @@ class SamplingRun:
                                    named_tensors=self._named_tensors(), frozen=frozen,
                                    sample_dtype=torch.float32 if cfg.sample_dtype == "fp32" else None,
                                    run_config=self.manifest_config())
-        with self.writer:
-            if st["dt"] is None:
-                st["dt"] = self.choose_dt()
-                self.writer.update_config(self.manifest_config())
-            self._set_dt(st["dt"])
-            self._loop()
-            self._save_checkpoint()
+        try:
+            with self.writer, stop_on_signals(cfg.out_dir) as self._stop:
+                if st["dt"] is None:
+                    st["dt"] = self.choose_dt()
+                    self.writer.update_config(self.manifest_config())
+                self._set_dt(st["dt"])
+                self._loop()
+                self._save_checkpoint()
+        finally:
+            self.log.close()
+            self._lock.release()
         self.say(f"done: {self.n_samples} samples in {cfg.out_dir / 'samples'}, manifest "
                  f"{cfg.out_dir / 'ensemble.json'}, log {self.log.path}")
         return cfg.out_dir
@@ -397,6 +398,10 @@ class SamplingRun:
             if due and st["step"] < cfg.steps:
                 self._save_checkpoint()
                 last_ckpt = time.monotonic()
+            if self._stop.requested:  # SIGINT/SIGTERM: stop here, at a safe point
+                bar.close()
+                self._save_checkpoint()
+                self._stop.stop_now(st["step"])
         bar.close()
 
     def _sampler_step(self, loss) -> None:
