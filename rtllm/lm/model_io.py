@@ -82,6 +82,10 @@ def load_weights(auto_class, path: Path, dtype: torch.dtype | None = None):
             path, local_files_only=True, use_safetensors=True, output_loading_info=True,
             **{_dtype_kwarg(): dtype if dtype is not None else "auto"})
     except (OSError, SafetensorError, RuntimeError, ValueError) as err:
+        if "mismatched_sizes" in str(err):  # transformers refuses shapes that differ from config
+            raise ValueError(f"config.json in {path} does not match its weights: tensor shapes "
+                             f"differ from what it describes; pass the directory save_pretrained "
+                             f"wrote, config and weights together") from None
         raise ValueError(f"cannot load the weights in {path} ({_first_line(err)}); the directory "
                          f"needs complete model.safetensors files from save_pretrained") from None
     finally:

@@ -40,9 +40,19 @@ def test_read_texts_dedups_and_keeps_argument_order(corpus):
     assert [p.name for p, _ in texts] == ["b.txt", "a.txt", "notes"]
 
 
-def test_read_texts_replaces_bad_utf8(tmp_path):
+def test_read_texts_refuses_bad_utf8_unless_an_encoding_is_given(tmp_path):
     (tmp_path / "x.txt").write_bytes(b"caf\xe9 ok")
-    assert read_texts([tmp_path / "x.txt"])[0][1] == "caf\ufffd ok"
+    with pytest.raises(ValueError, match=r"not valid utf-8 \(byte 0xe9 at offset 3\).*--encoding"):
+        read_texts([tmp_path / "x.txt"])
+    assert read_texts([tmp_path / "x.txt"], encoding="latin-1")[0][1] == "caf\u00e9 ok"
+    with pytest.raises(ValueError, match="not an encoding"):
+        read_texts([tmp_path / "x.txt"], encoding="klingon-8")
+
+
+def test_read_texts_refuses_a_named_binary_file(tmp_path):
+    (tmp_path / "prog").write_bytes(b"\x7fELF\x02\x01\x01\x00" + b"text" * 100)
+    with pytest.raises(ValueError, match="binary file"):
+        read_texts([tmp_path / "prog"])
 
 
 def test_read_texts_bad_paths(tmp_path):
