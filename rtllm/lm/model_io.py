@@ -44,7 +44,7 @@ def load_model_and_tokenizer(model_dir: str | Path, *, dtype: torch.dtype | None
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a Hugging Face model directory (no config.json); pass a "
                          f"directory written by save_pretrained")
-    check_safetensors_weights(path)  # before anything reads them: one clear line per problem
+    _check_readable(path / "config.json")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (ValueError, OSError, KeyError) as err:
@@ -54,6 +54,7 @@ def load_model_and_tokenizer(model_dir: str | Path, *, dtype: torch.dtype | None
         raise ValueError(f"{path} holds a {type(config).__name__} (model_type "
                          f"{config.model_type!r}), which is not a causal LM; pass a causal-LM "
                          f"directory (e.g. GPT-2, Llama)")
+    check_safetensors_weights(path)  # before the tokenizer: the weights are the likelier problem
     tokenizer = load_tokenizer(path, f"tokenizer.save_pretrained({str(path)!r})")
     model = load_weights(AutoModelForCausalLM, path, dtype)
     rows = model.get_input_embeddings().num_embeddings
@@ -113,12 +114,17 @@ def check_safetensors_weights(path: Path) -> None:
                 f"loads (unpickling can run code); convert them once, in a place you trust: "
                 f"AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir) writes "
                 f"model.safetensors")
-        raise ValueError(f"{path} holds no model.safetensors; pass a directory written by "
-                         f"save_pretrained")
+        raise ValueError(f"cannot load the weights in {path}: it holds no model.safetensors; "
+                         f"pass a directory written by save_pretrained")
     for f in [path / "config.json", *files]:
-        if not os.access(f, os.R_OK):
-            raise ValueError(f"{f} is not readable (permission denied); fix its permissions "
-                             f"(chmod u+r) or copy the model to a directory you can read")
+        _check_readable(f)
+
+
+def _check_readable(f: Path) -> None:
+    # Otherwise transformers reports an unreadable file as "No such file or directory".
+    if not os.access(f, os.R_OK):
+        raise ValueError(f"{f} is not readable (permission denied); fix its permissions "
+                         f"(chmod u+r) or copy the model to a directory you can read")
 
 
 def load_tokenizer(path: Path, remedy: str):
