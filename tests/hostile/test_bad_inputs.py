@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from refusal import assert_refused, sample_argv
+from rtllm.cli import main as cli_main
 
 
 def _model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
@@ -143,3 +144,22 @@ def test_a_directory_locked_by_another_process_names_its_pid(tiny_model_dir, tra
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_disk_full_during_a_checkpoint_write_is_one_line(tiny_model_dir, train_file, tmp_path, capsys,
+                                                          monkeypatch):
+    import errno
+
+    from rtllm.run import checkpoint
+
+    def full(f, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_sliced", full)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    rc = cli_main(sample_argv(tiny_model_dir, train_file, out, "--checkpoint-every", "2"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "the disk is full" in err and "--resume" in err
+    assert not list((out / "checkpoints").glob(".*tmp*"))  # the torn temporary was removed

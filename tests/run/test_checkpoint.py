@@ -1,0 +1,101 @@
+"""Checkpoints: safetensors + JSON, exact round trip, bounded host slices, atomic, no pickle."""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import struct
+
+import pytest
+import torch
+
+from rtllm.run import checkpoint
+from rtllm.run.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
+
+
+def _state() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"config": {"train": ("a.txt", "b.txt"), "dt": "auto", "seed": 3},
+            "state": {"step": 7, "dt": 1 / 3, "prev_loss": math.inf, "flagged": [2, 5], "L": None},
+            "sampler": {"position": [[torch.randn(1025, generator=g)]],
+                        "velocity": [[torch.randn(17, generator=g).bfloat16()]],
+                        "by_int": {0: torch.arange(5)}, "ln_luminosity": -1e-300},
+            "backup": [(torch.randn(3, 4, generator=g), torch.zeros(0))]}
+
+
+def _assert_same(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert type(b) is dict and list(a) == list(b)
+        for k in a:
+            _assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert type(a) is type(b) and a == b
+
+
+def test_round_trip_keeps_values_types_and_bits(tmp_path):
+    state = _state()
+    save_checkpoint(tmp_path / "c.safetensors", state)
+    _assert_same(state, load_checkpoint(tmp_path / "c.safetensors"))
+
+
+def test_the_file_is_plain_safetensors_with_json_metadata(tmp_path):
+    from safetensors import safe_open
+
+    save_checkpoint(tmp_path / "c.safetensors", _state())
+    with safe_open(tmp_path / "c.safetensors", framework="pt") as f:
+        meta = json.loads(f.metadata()["rtllm_checkpoint"])
+        assert meta["version"] == checkpoint.CHECKPOINT_VERSION and len(list(f.keys())) == 5
+    assert (tmp_path / "c.safetensors").read_bytes()[8:9] == b"{"  # a JSON header, not a pickle
+
+
+def test_tensors_reach_the_host_in_bounded_slices(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_CHUNK", 256)  # bytes: 64 floats per slice
+    seen = []
+    real_to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.numel() * self.element_size())
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    state = _state()
+    save_checkpoint(tmp_path / "c.safetensors", state)
+    monkeypatch.undo()
+    assert seen and max(seen) <= 256
+    _assert_same(state, load_checkpoint(tmp_path / "c.safetensors"))
+
+
+def test_disk_full_keeps_the_old_checkpoint_and_says_what_to_do(tmp_path, monkeypatch):
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, _state())
+    before = path.read_bytes()
+
+    def full(f, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_sliced", full)
+    with pytest.raises(OSError, match="disk is full .*previous checkpoint is intact.*--resume"):
+        save_checkpoint(path, _state())
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00" * 7, struct.pack("<Q", 2) + b"{}",
+                                  struct.pack("<Q", 10**12) + b"{"])
+def test_damaged_checkpoints_are_value_errors(tmp_path, data):
+    (tmp_path / "c.safetensors").write_bytes(data)
+    with pytest.raises(ValueError, match="checkpoint .*(cannot be read|holds no rtllm state)"):
+        load_checkpoint(tmp_path / "c.safetensors")
+
+
+def test_stale_temporaries_of_killed_writes_are_removed(tmp_path):
+    (tmp_path / ".chain-000.safetensors.tmp-123").write_bytes(b"half")
+    (tmp_path / ".chain-001.pt.tmp-99").write_bytes(b"half")
+    (tmp_path / "chain-000.safetensors").write_bytes(b"keep")
+    assert len(remove_stale_temporaries(tmp_path)) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["chain-000.safetensors"]
