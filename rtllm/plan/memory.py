@@ -25,6 +25,7 @@ import torch
 
 from rtllm.plan.activations import PARTS, UnknownArchitecture, activation_peak
 from rtllm.state.layouts import DEFAULT_LAYOUT, LAYOUTS, get_layout
+from rtllm.store.manifest import _CHUNK
 
 GIB = 2**30
 FRAGMENTATION = 0.05  # allocator margin: fraction of the peak lost to fragmentation
@@ -39,6 +40,7 @@ LOADED, GRAD_ACC = "loaded weights (until copied)", "micro-batch grad accumulato
 PARTIALS, NOISE, PRIOR_TMP = "kernel partials", "noise cache (CPU backend)", "prior temporaries"
 WORKSPACES, MARGIN, CONTEXT = "CUDA library workspaces", "allocator margin", "CUDA context"
 SAMPLE_BUFFERS, CKPT_STAGING = "sample buffers", "checkpoint staging (x, v copies)"
+CHECKPOINT_SLICE_BYTES = _CHUNK  # the most of the state a checkpoint write holds on the host
 ROWS = (WEIGHTS, POSITION, VELOCITY, GRADIENTS, PRIOR, UNDO, DT_SNAPSHOT, NOISE, WORKSPACES,
         SAMPLE_BUFFERS, LOADED, GRAD_ACC, *PARTS, PARTIALS, PRIOR_TMP, CKPT_STAGING)
 # Phases of a run.
@@ -212,11 +214,11 @@ def plan_memory(config, *, batch: int, seq: int, layout: str = DEFAULT_LAYOUT, d
     if undo_backup == "auto":  # SamplingRun._backup_fits, with the memory the state leaves free
         used = sum(core.values()) + prior + (CUDA_CONTEXT_BYTES if cuda else 0)
         undo_backup = gpu_mem_bytes is not None and gpu_mem_bytes - used > (2 if cuda else 4) * backup
-    # Host memory: the sample writer's buffers (kept once made) and the checkpoint's copies of
-    # the state (rtllm.run.checkpoint copies every tensor to the CPU before torch.save). On CPU that
-    # is the same memory, so there they join the plan.
+    # Host memory: the sample writer's buffers (kept once made) and the checkpoint's staging
+    # (rtllm.run.checkpoint copies the state to the host one slice of at most 64 MiB at a time).
+    # On CPU that is the same memory, so there they join the plan.
     host = {SAMPLE_BUFFERS: _sample_buffer_bytes(shape, a, sample_dtype, cuda),
-            CKPT_STAGING: backup + prior + (backup if undo_backup else 0)}
+            CKPT_STAGING: min(CHECKPOINT_SLICE_BYTES, backup + prior + (backup if undo_backup else 0))}
     # Held from just after the construction to the end of the run.
     persistent = {**core, PRIOR: prior, UNDO: backup if undo_backup else 0,
                   NOISE: 0 if cuda else _noise_cache_bytes(shape.shards),
