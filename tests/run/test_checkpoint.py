@@ -99,3 +99,11 @@ def test_stale_temporaries_of_killed_writes_are_removed(tmp_path):
     (tmp_path / "chain-000.safetensors").write_bytes(b"keep")
     assert len(remove_stale_temporaries(tmp_path)) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["chain-000.safetensors"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_tensors_round_trip_through_host_slices(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_CHUNK", 1000)  # not a multiple of 4 or 2: uneven slices
+    state = checkpoint.map_tensors(_state(), lambda t: t.cuda())
+    save_checkpoint(tmp_path / "c.safetensors", state)
+    _assert_same(checkpoint.map_tensors(state, torch.Tensor.cpu), load_checkpoint(tmp_path / "c.safetensors"))
