@@ -66,6 +66,8 @@ class MovementWatch:
     def __init__(self, state: dict, cfg, *, say: Callable[[str], None], log: Callable[[dict], None]) -> None:
         self.state, self.burn_in, self.say, self.log = state, cfg.burn_in, say, log
         self.dt_auto = cfg.dt == "auto" and cfg.sampler == "ray"
+        # MCLMC flags jumps and keeps the step (no undo): its tuning burn-in is not stopped early.
+        self.undo_stops = cfg.sampler == "ray"
         self.s = state.setdefault("movement", dict(
             window_start=0, window_rejected=0, shrinks=0, counted_from=cfg.burn_in, steps=0, rejected=0,
             last_probe=None, moves=[], heldout=[]))
@@ -81,7 +83,7 @@ class MovementWatch:
         if adapting and movement.dt_window_exceeded(s["window_rejected"]):
             self.state["dt"] = self._shrink(t, dt)
             return True
-        if not self.dt_auto and t < self.burn_in and \
+        if self.undo_stops and not self.dt_auto and t < self.burn_in and \
                 s["window_rejected"] > movement.STUCK_REJECTED_FRACTION * movement.DT_WINDOW:
             raise ChainNotMoving(
                 f"the chain is not moving: {s['window_rejected']} of the steps {s['window_start']}.."
