@@ -32,6 +32,8 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     a("--mask-heldout-above", type=float, help="also drop samples whose held-out loss (nats) "
       "in the manifest exceeds this")
     a("--include-masked", action="store_true", help="use the samples the run marked masked too")
+    a("--allow-degenerate", action="store_true", help="evaluate even when a chain did not move (most "
+      "steps undone, or samples that are copies); refused by default")
     a("--device", default="auto", help="cpu, cuda, cuda:N or auto (%(default)s)")
     a("--encoding", help="encoding of the text files, e.g. latin-1 (default: UTF-8; text that does not "
       "decode is refused)")
@@ -51,6 +53,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         device=args.device, encoding=args.encoding,
                         progress=lambda m: print(f"rtllm evaluate: {m}", file=sys.stderr))
 
+    if not args.allow_degenerate:  # a chain of copies is no ensemble (rtllm.samplers.movement)
+        from rtllm.evaluation.movement_check import refuse_degenerate
+
+        refuse_degenerate(args.ensemble)
     out = Path(args.out)
     result = run(masking=not args.include_masked)
     paths = write_evaluation(result, out)

@@ -16,6 +16,15 @@ def _dt(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"must be 'auto' or a number, got {text!r}") from None
 
 
+def _threshold(text: str) -> float | str | None:
+    if text in ("auto", "off"):
+        return None if text == "off" else text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto', 'off' or a number of nats, got {text!r}") from None
+
+
 def add_sample_args(p: argparse.ArgumentParser) -> None:
     d = SampleConfig.__dataclass_fields__
     a = p.add_argument
@@ -43,8 +52,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--params", help="regex: sample only the parameters whose names match; the rest stay frozen")
     a("--ray-per", choices=["model", "group", "tensor"], default=d["ray_per"].default,
       help="one ray for the model, per layer group, or per tensor (%(default)s)")
-    a("--reject-threshold", type=float, default=d["reject_threshold"].default, help="a step whose loss jumps "
-      "by more than this (nats) is undone, or its samples masked (%(default)s)")
+    a("--reject-threshold", type=_threshold, default=d["reject_threshold"].default, help="a step whose loss "
+      "jumps by more than this (nats) is undone, or its samples masked; 'auto': 5 x the loss tolerance + "
+      "6 sigma of the minibatch loss difference (docs/sampling.md, Guards); 'off' (%(default)s)")
     a("--log-every", type=int, default=d["log_every"].default, help="held-out loss and probe every N steps "
       "(%(default)s)")
     a("--checkpoint-every", type=int, help="steps between checkpoints (default: about every 10 minutes)")

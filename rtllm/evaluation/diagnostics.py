@@ -243,7 +243,7 @@ def diagnose(ensemble_dir: Path | str, burn_in_step: int | None = None, c: float
     for recs in records:
         held = [r["heldout_loss"] for r in recs if r.get("type") == "step" and "heldout_loss" in r]
         if held:
-            last_heldout.append(float(held[-1]))
+            last_heldout.append(_finite_or_none(float(held[-1])))  # a diverged step logs nan
     chain_ids = [int(m.group(1)) if (m := re.search(r"log-chain-(\d+)", p.name)) else i
                  for i, p in enumerate(logs)]
     return {

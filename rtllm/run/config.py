@@ -35,7 +35,9 @@ class SampleConfig:
     refresh_rate: float = 1.0
     params: str | None = None
     ray_per: str = "model"
-    reject_threshold: float | None = 1.0
+    # nats a step's loss may jump before the step is undone; "auto": in the posterior's units
+    # (rtllm.samplers.movement.undo_threshold); None: no undo (only non-finite losses flag).
+    reject_threshold: float | str | None = "auto"
     log_every: int = 10
     checkpoint_every: int | None = None  # steps; None: about every 10 minutes of run time
     # Activation checkpointing of blocks 0, k, 2k, ... only: faster (measured 0.88x fwd+bwd time at
@@ -90,8 +92,9 @@ class SampleConfig:
         if self.loss_tolerance is not None and self.scale_likelihood is not None:
             raise ValueError("give --loss-tolerance or --scale-likelihood, not both")
         for name in ("loss_tolerance", "scale_likelihood", "prior_scale", "reject_threshold"):
-            if getattr(self, name) is not None:
-                positive_float(name, getattr(self, name))
+            value = getattr(self, name)
+            if value is not None and not (name == "reject_threshold" and value == "auto"):
+                positive_float(name, value)
         if self.refresh_rate < 0 or not math.isfinite(self.refresh_rate):
             raise ValueError(f"--refresh-rate must be >= 0, got {self.refresh_rate!r}")
         if self.micro_batch is not None:

@@ -18,6 +18,7 @@ class Trial:
     start_loss: float
     end_loss: float
     stable: bool
+    jumps: int = 0  # steps of the trial whose loss rose by more than the run's undo threshold
 
 
 def initial_dt(num_params: int) -> float:
@@ -25,9 +26,20 @@ def initial_dt(num_params: int) -> float:
     return 0.03 / math.sqrt(num_params)
 
 
-def is_stable(start_loss: float, end_loss: float, tolerance: float) -> bool:
-    """A trial diverged if its loss is non-finite or more than 2x the tolerance above the start."""
-    return math.isfinite(end_loss) and math.isfinite(start_loss) and end_loss - start_loss <= 2 * tolerance
+def is_stable(start_loss: float, end_loss: float, tolerance: float, *, jumps: int = 0) -> bool:
+    """A trial diverged if its loss is non-finite, more than 2x the tolerance above the start, or
+    any of its steps would have been undone by the run (the guards share the posterior's units:
+    docs/sampling.md, "Guards")."""
+    return math.isfinite(end_loss) and math.isfinite(start_loss) and \
+        end_loss - start_loss <= 2 * tolerance and jumps == 0
+
+
+def describe(trial: Trial, tolerance: float) -> str:
+    """The verdict with the loss rise in units of the tolerance, e.g. 'stable: +0.8 tolerance'."""
+    rise = trial.end_loss - trial.start_loss
+    shown = f"{rise / tolerance:+.2g}" if math.isfinite(rise) else "inf"
+    text = f"{'stable' if trial.stable else 'diverged'}: {shown} x tolerance (limit +2)"
+    return text + (f", {trial.jumps} step(s) over the undo threshold" if trial.jumps else "")
 
 
 def search_dt(trial: Callable[[float], Trial], dt0: float, *, max_shrinks: int = 8,

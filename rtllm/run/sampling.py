@@ -19,8 +19,11 @@ import torch
 from rtllm.run import dt_auto
 from rtllm.run.checkpoint import checkpoint_path, load_checkpoint, map_tensors, save_checkpoint
 from rtllm.run.config import SampleConfig, chain_seed
+from rtllm.run.host_scalar import HostScalar as _HostScalar
+from rtllm.run.movement_watch import MovementWatch, calibrate_guards, sample_loss_is_absurd
 from rtllm.run.recovery import check_listed_samples, claim_out_dir, prepare_resume, settings_differ
 from rtllm.run.signals import stop_on_signals
+from rtllm.samplers import movement
 from rtllm.lm.data import MinibatchOrder, TokenData, context_length, read_texts
 from rtllm.lm.loss import lm_loss
 from rtllm.lm.model_io import load_model_and_tokenizer, prepare_for_sampling, resolve_device, select_parameters
@@ -211,18 +214,20 @@ class SamplingRun:
         saved = map_tensors(self.sampler.state_dict(), lambda t: t.to("cpu", copy=True))
         cursors = range(self.cfg.dt_trial_steps)
         self._set_dt(dt)
+        prev, jumps = None, 0  # steps the run would undo: the chosen dt must not need the undo
         for c in cursors:
             loss, _ = self._loss_and_grad(c)
+            jumps, prev = jumps + movement.is_jump(prev, loss, self.state["reject_threshold"]), loss
             if not math.isfinite(loss):
                 break
             self.sampler.step()
         end = self._mean_loss(cursors) if math.isfinite(loss) else math.inf
         self.sampler.load_state_dict(saved)
-        trial = dt_auto.Trial(dt=dt, start_loss=start, end_loss=end,
-                           stable=dt_auto.is_stable(start, end, self.tolerance))
+        trial = dt_auto.Trial(dt=dt, start_loss=start, end_loss=end, jumps=jumps,
+                              stable=dt_auto.is_stable(start, end, self.tolerance, jumps=jumps))
         self.log.write({"type": "dt_trial", **trial.__dict__})
         self.say(f"  dt trial {dt:.3g}: loss {start:.4f} -> {end:.4f} "
-                 f"({'stable' if trial.stable else 'diverged'})")
+                 f"({dt_auto.describe(trial, self.tolerance)})")
         return trial
 
     @torch.no_grad()
@@ -236,6 +241,11 @@ class SamplingRun:
         if self.state.get("L") is not None:  # MCLMC: L rides along as its refresh rate
             self.sampler.L = self.state["L"]
 
+    def _calibrate_guards(self) -> None:
+        if "reject_threshold" not in self.state:  # the guards' units (docs/sampling.md, "Guards")
+            losses = [float(self._batch_loss(c)) for c in range(max(2, self.cfg.dt_trial_steps))]
+            calibrate_guards(self.state, losses, self.cfg, self.tolerance, self.say, self.log.write)
+
     def choose_dt(self) -> float:
         if self.cfg.sampler == "mclmc":
             return self._tune_mclmc()
@@ -243,10 +253,12 @@ class SamplingRun:
             return float(self.cfg.dt)
         self.say(f"choosing dt (--dt auto): trials of {self.cfg.dt_trial_steps} steps from "
                  f"dt0 = 0.03/sqrt(D), tolerance {self.tolerance:.3g} nats")
-        start = self._mean_loss(range(self.cfg.dt_trial_steps))
+        self._calibrate_guards()
+        start = self.state["start_loss"]  # the mean loss over the trials' batches
         dt, trials = dt_auto.search_dt(lambda dt: self._trial(dt, start), dt_auto.initial_dt(self.num_params))
         self.state["dt_trials"] = [t.__dict__ for t in trials]
-        self.say(f"dt = {dt:.4g} ({len(trials)} trials)")
+        self.say(f"dt = {dt:.4g} ({len(trials)} trials; "
+                 f"{dt_auto.describe(next(t for t in trials if t.dt == dt), self.tolerance)})")
         return dt
 
     def _tune_mclmc(self) -> float:
@@ -313,12 +325,15 @@ class SamplingRun:
                                    run_config=self.manifest_config())
         try:
             with self.writer, stop_on_signals(cfg.out_dir) as self._stop:
+                self._calibrate_guards()
+                self.watch = MovementWatch(st, cfg, say=self.say, log=self.log.write)
                 if st["dt"] is None:
                     st["dt"] = self.choose_dt()
                     self.writer.update_config(self.manifest_config())
                 self._set_dt(st["dt"])
                 self._loop()
                 self._save_checkpoint()
+                self.watch.check()
         finally:
             self.log.close()
             self._lock.release()
@@ -349,8 +364,7 @@ class SamplingRun:
             loss = float(loss)
             record = {"type": "step", "step": t, "loss": loss, "dt": st["dt"],
                       "phase": "burn-in" if t < cfg.burn_in else "sampling"}
-            jump = st["prev_loss"] is not None and (not math.isfinite(loss) or
-                                                    loss - st["prev_loss"] > (cfg.reject_threshold or math.inf))
+            jump = movement.is_jump(st["prev_loss"], loss, st["reject_threshold"])
             undo = jump and self._backup is not None
             if jump:
                 record["rejected"] = "undone" if undo else "flagged for masking"
@@ -368,6 +382,9 @@ class SamplingRun:
                 st["prev_loss"] = loss
                 record.update(self.sampler.last_info, ln_luminosity=self.sampler.ln_luminosity)
             st["step"] = t + 1
+            if self.watch.after_step(t, jump):  # --dt auto shrank dt: too many undos
+                self._set_dt(st["dt"])
+                self.writer.update_config(self.manifest_config())
             is_sample = t < cfg.steps and t >= cfg.burn_in and (t - cfg.burn_in + 1) % cfg.thin == 0
             sample_t = None
             off_grid = cfg.sampler == "mclmc" and self.sampler.phase != "start"
@@ -384,9 +401,12 @@ class SamplingRun:
                 self._log_probe(t)
             if sample_t is not None:
                 index = (sample_t - cfg.burn_in + 1) // cfg.thin - 1
-                masked = any(sample_t - cfg.thin < f <= t for f in st["flagged"])
-                self.writer.submit(index=index, chain=cfg.chain, step=t + 1, loss=loss,
+                kept_loss = st["prev_loss"] if undo else loss  # after an undo: the kept weights' loss
+                masked = any(sample_t - cfg.thin < f <= t for f in st["flagged"]) or \
+                    sample_loss_is_absurd(kept_loss, st, self.tolerance)
+                self.writer.submit(index=index, chain=cfg.chain, step=t + 1, loss=kept_loss,
                                    heldout_loss=record["heldout_loss"], masked=masked)
+                self.watch.after_sample(index, t + 1, self.sampler.shards, record["heldout_loss"])
             record["tokens_per_s"] = tokens / (time.perf_counter() - t0)
             record["peak_memory_bytes"] = peak_memory_bytes(self.device)
             self.log.write(record)
@@ -416,26 +436,6 @@ class SamplingRun:
         picked = probs.gather(-1, self.probe["top_ids"])
         self.log.write({"type": "probe", "step": step,
                         "probs": [[round(float(p), 7) for p in row] for row in picked.reshape(-1, PROBE_TOP)]})
-
-
-class _HostScalar:
-    """A device scalar copied to pinned host memory without waiting for the GPU; float() waits
-    only if the copy has not landed yet (after a later host sync on the stream, it has)."""
-
-    def __init__(self, value: torch.Tensor) -> None:
-        self._event = None
-        if value.is_cuda:
-            host = torch.empty((), dtype=value.dtype, pin_memory=True)
-            host.copy_(value, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-            value = host
-        self._value = value
-
-    def __float__(self) -> float:
-        if self._event is not None and not self._event.query():
-            self._event.synchronize()
-        return float(self._value)
 
 
 def sample(cfg: SampleConfig, *, resume: bool = False, overwrite: bool = False,
