@@ -372,8 +372,9 @@ def baseline_nll(baseline: str | Path, tokenizer, ensemble_dir: Path, windows: t
     return torch.cat(out).numpy()
 
 
-def write_evaluation(result: "EvalResult", out: Path) -> dict[str, Path]:
-    """summary.json, tokens.jsonl and the reports (PNG plots, shaded-token HTML) into `out`."""
+def write_evaluation(result: "EvalResult", out: Path, context: dict | None = None) -> dict[str, Path]:
+    """summary.json, tokens.jsonl and the reports (PNG plots, shaded-token HTML) into `out`;
+    `context` (ensemble, texts, ...: `rtllm.evaluation.job`) names the inputs in the reports."""
     from rtllm.evaluation.report import write_reports
     from rtllm.store.writer import atomic_write_json
 
@@ -382,4 +383,5 @@ def write_evaluation(result: "EvalResult", out: Path) -> dict[str, Path]:
     atomic_write_json(out / "summary.json", result.summary)
     write_token_table(result.table, out / "tokens.jsonl")
     return {"summary": out / "summary.json", "token_table": out / "tokens.jsonl",
-            **{f"report_{k}": v for k, v in write_reports(result.table, result.summary, out).items()}}
+            **{f"report_{k}": v
+               for k, v in write_reports(result.table, result.summary, out, context=context).items()}}
