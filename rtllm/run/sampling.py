@@ -286,7 +286,9 @@ class SamplingRun:
     def _load_checkpoint(self) -> None:
         ckpt = load_checkpoint(self.ckpt_path)
         if ckpt is None:
-            self.say(f"--resume: no checkpoint in {self.ckpt_path.parent}, starting fresh")
+            earlier = (self.cfg.out_dir / RUN_MARKER).exists()  # written after this, by every run
+            self.say(f"no checkpoint of an earlier run in {self.cfg.out_dir} yet: starting at step 0"
+                     if earlier else f"starting a new run in {self.cfg.out_dir}")
             return
         if ckpt["config"] != self.cfg.chain_defining():
             diff = sorted(k for k in ckpt["config"] if ckpt["config"][k] != self.cfg.chain_defining().get(k))
@@ -298,7 +300,11 @@ class SamplingRun:
         if self.state["undo"]:  # the original run undid rejected steps: so does its resume
             self._backup = [(cx.to(self.device), cv.to(self.device)) for cx, cv in ckpt["backup"]]
         self.resumed = True
-        self.say(f"resumed from step {self.state['step']} ({self.ckpt_path})")
+        if self.state["step"] >= self.cfg.steps and self.state.get("sample_due") is None:
+            self.say(f"already complete: the run in {self.cfg.out_dir} took all {self.cfg.steps} steps; "
+                     f"nothing to do")
+        else:
+            self.say(f"resuming at step {self.state['step']} of {self.cfg.steps} ({self.ckpt_path})")
 
     # -- the loop -------------------------------------------------------------------------
     def _undo_last_step(self) -> None:
