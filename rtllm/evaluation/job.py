@@ -95,10 +95,12 @@ def _evaluate_into(job: EvalJob, staging: Path, inputs: dict, say: Callable[[str
                         device=job.device, progress=say)
 
     result = run(masking=not job.include_masked)
+    say("writing tokens.jsonl, summary.json and the reports")
     write_evaluation(result, staging, context=inputs)
     outcome = EvalOutcome(summary=result.summary, paths={}, reused=False, inputs=inputs)
     if result.summary["n_samples_masked"]:
         # Masked samples are reported, and the headline numbers shown with them too.
+        say(f"again with the {result.summary['n_samples_masked']} masked samples, for summary_unmasked.json")
         outcome.summary_unmasked = run(masking=False).summary
         atomic_write_json(staging / "summary_unmasked.json", outcome.summary_unmasked)
     try:

@@ -27,6 +27,7 @@ from rtllm.store.runlog import RunLog, peak_memory_bytes
 from rtllm.run.sampler_setup import build_sampler, load_init_weights, needs_tuning, tune_in_burn_in
 from rtllm.store.manifest import RUN_MARKER
 from rtllm.store.writer import SampleWriter, check_free_disk, copy_tokenizer, estimate_run_disk
+from rtllm.state.progress import Progress
 
 PROBE_SEQUENCES, PROBE_POSITIONS, PROBE_TOP = 2, 64, 5
 HELDOUT_EVAL_SEQUENCES = 8
@@ -248,7 +249,13 @@ class SamplingRun:
         self.say(f"choosing dt (--dt auto): trials of {self.cfg.dt_trial_steps} steps from "
                  f"dt0 = 0.03/sqrt(D), tolerance {self.tolerance:.3g} nats")
         start = self._mean_loss(range(self.cfg.dt_trial_steps))
-        dt, trials = dt_auto.search_dt(lambda dt: self._trial(dt, start), dt_auto.initial_dt(self.num_params))
+        def trial(dt: float) -> dt_auto.Trial:  # each trial takes seconds to minutes: say each one
+            result = self._trial(dt, start)
+            self.say(f"dt trial: dt = {dt:.3g} {'stable' if result.stable else 'diverged'} (loss "
+                     f"{result.start_loss:.3f} -> {result.end_loss:.3f})")
+            return result
+
+        dt, trials = dt_auto.search_dt(trial, dt_auto.initial_dt(self.num_params))
         self.state["dt_trials"] = [t.__dict__ for t in trials]
         self.say(f"dt = {dt:.4g} ({len(trials)} trials)")
         return dt
@@ -335,10 +342,7 @@ class SamplingRun:
     def _loop(self) -> None:
         cfg, st = self.cfg, self.state
         last_ckpt = time.monotonic()
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=st["step"], desc="sampling", dynamic_ncols=True,
-                   disable=not os.isatty(2))
+        bar = Progress(cfg.steps, "sampling", initial=st["step"])  # a bar on a terminal, else a line every 10 s
         # An MCLMC sample waits for its full step's end when a divergence restarted a step off the
         # even grid (MCLMC._diverge): the run then takes one gradient more for it.
         while st["step"] < cfg.steps or st.get("sample_due") is not None:
@@ -396,9 +400,8 @@ class SamplingRun:
             record["tokens_per_s"] = tokens / (time.perf_counter() - t0)
             record["peak_memory_bytes"] = peak_memory_bytes(self.device)
             self.log.write(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", heldout=f"{record.get('heldout_loss', float('nan')):.3f}",
-                            angle=f"{record.get('angle', 0.0):.2e}")
+            bar.update(1, loss=f"{loss:.3f}", heldout=f"{record.get('heldout_loss', float('nan')):.3f}",
+                       angle=f"{record.get('angle', 0.0):.2e}")
             due = (st["step"] % cfg.checkpoint_every == 0) if cfg.checkpoint_every else \
                 time.monotonic() - last_ckpt > CHECKPOINT_SECONDS
             if due and st["step"] < cfg.steps:
