@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rtllm.run.config import SampleConfig
 from rtllm.lm.corpus import heldout_files, python_source_files, train_files
-from rtllm.evaluation.job import EvalJob, run_job
-from rtllm.lm.pretrain import ensure_pretrained
-from rtllm.run.sampling import sample
+
+if TYPE_CHECKING:
+    from rtllm.run.config import SampleConfig
 
 DEMO_STEPS = 300
 DEMO_BURN_IN = 100
@@ -23,7 +23,9 @@ DEMO_THIN = 20
 DEMO_OOD_BYTES = 100_000  # of standard-library Python source: plenty for the OOD statistics
 
 
-def demo_config(work: Path, steps: int | None = None) -> SampleConfig:
+def demo_config(work: Path, steps: int | None = None) -> "SampleConfig":
+    from rtllm.run.config import SampleConfig  # heavy (torch): not at import, the parser imports this
+
     steps = steps or DEMO_STEPS
     burn_in = min(DEMO_BURN_IN, steps // 3)
     return SampleConfig(
@@ -34,6 +36,10 @@ def demo_config(work: Path, steps: int | None = None) -> SampleConfig:
 
 
 def run_demo(work: Path, *, steps: int | None = None, overwrite: bool = False) -> Path:
+    from rtllm.evaluation.job import EvalJob, run_job
+    from rtllm.lm.pretrain import ensure_pretrained
+    from rtllm.run.sampling import sample
+
     work = Path(work)
     print(f"rtllm demo: working in {work.resolve()}")
     model_dir = ensure_pretrained(work / "model")

@@ -28,7 +28,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     a("--seq-len", type=int, help="tokens per window (default: the model's context, <= 1024)")
     a("--max-samples", type=int, help="evaluate that many samples, evenly spaced")
     a("--max-memory", type=_bytes,
-      help="bytes for the BMA accumulator and one sample's logits, e.g. 2G (default 1G)")
+      help="bytes for the BMA accumulator and one sample's logits, e.g. 2G (default: 1G)")
     a("--mask-heldout-above", type=float, help="also drop samples whose held-out loss (nats) "
       "in the manifest exceeds this")
     a("--include-masked", action="store_true", help="use the samples the run marked masked too")
@@ -39,7 +39,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
       "(when samples are masked) and evaluation.json (its inputs; written last, when complete). "
       "Other files there are left alone")
     a("--recompute", action="store_true", help="evaluate again even if --out holds a complete "
-      "evaluation of the same ensemble, texts and options (by default it is reused)")
+      "evaluation of the same ensemble, texts and options (it is reused otherwise)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
