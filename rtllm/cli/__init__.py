@@ -13,42 +13,65 @@ import sys
 from rtllm.cli.evaluate import add_evaluate_args, cmd_evaluate
 from rtllm.cli.mile import add_mile_args, cmd_mile
 from rtllm.cli.plan import add_plan_args, cmd_plan
+from rtllm.cli.demo import DEMO_STEPS
 from rtllm.cli.pretrain import cmd_demo, cmd_pretrain
 from rtllm.cli.sample import add_sample_args, cmd_merge, cmd_sample
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """One style for defaults: an option that has a value unless given ends its help with
+    "(default: X)"; the texts may write "(%(default)s)" for short, or say the default in words
+    ("default: the model's context")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = (action.help or "").replace("(%(default)s)", "(default: %(default)s)")
+        text = text.replace("(%(default)s:", "(default: %(default)s,")
+        if ("%(default)" not in text and "default" not in text and action.option_strings
+                and action.default is not None and action.default is not False
+                and action.default not in ([], argparse.SUPPRESS)):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtllm", description="Posterior samples of language-model "
-                                     "weights with the ray tracing sampler.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("sample", help="sample the weights of a Hugging Face checkpoint")
+                                     "weights with the ray tracing sampler.",
+                                     formatter_class=DefaultsFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        # The one-line help of the command list is also the description atop its own --help.
+        return commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                                   formatter_class=DefaultsFormatter)
+
+    p = command("sample", "sample the weights of a Hugging Face checkpoint")
     add_sample_args(p)
     p.set_defaults(func=cmd_sample)
-    p = sub.add_parser("mile", help="MILE: train K ensemble members, sample each with tuned MCLMC, merge")
+    p = command("mile", "MILE: train K ensemble members, sample each with tuned MCLMC, merge")
     add_sample_args(p)
     add_mile_args(p)
     p.set_defaults(func=cmd_mile)
-    p = sub.add_parser("merge", help="list the samples of every chain in DIR/chains in DIR/ensemble.json")
+    p = command("merge", "list the samples of every chain in DIR/chains in DIR/ensemble.json")
     p.add_argument("dir", help="the --out of a multi-chain run (torchrun ... rtllm sample, or --chain K)")
     p.add_argument("--require-all", action="store_true", help="refuse unless every chain has finished")
     p.add_argument("--no-verify", action="store_true", help="skip re-hashing the sample files")
     p.set_defaults(func=cmd_merge)
-    p = sub.add_parser("pretrain", help="train the tiny built-in GPT-2 (no download)")
+    p = command("pretrain", "train the tiny built-in GPT-2 (no download)")
     p.add_argument("--out", required=True, help="directory for the model and tokenizer")
     p.add_argument("--text", nargs="+", help="training text files (default: the bundled corpus)")
     p.add_argument("--steps", type=int, help="optimizer steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and batch order")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_pretrain)
-    p = sub.add_parser("evaluate", help="token-level predictive uncertainty of an ensemble")
+    p = command("evaluate", "token-level predictive uncertainty of an ensemble")
     add_evaluate_args(p)
     p.set_defaults(func=cmd_evaluate)
-    p = sub.add_parser("plan", help="memory plan of a sampling run: bytes per component, and whether it fits")
+    p = command("plan", "memory plan of a sampling run: bytes per component, and whether it fits")
     add_plan_args(p)
     p.set_defaults(func=cmd_plan)
-    p = sub.add_parser("demo", help="pretrain (or reuse) the tiny model, sample it, export and evaluate")
+    p = command("demo", "pretrain (or reuse) the tiny model, sample it, export and evaluate")
     p.add_argument("--out", default="rtllm-demo", help="working directory (%(default)s)")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the demo's own)")
+    p.add_argument("--steps", type=int, default=DEMO_STEPS, help="sampler steps, burn-in included (%(default)s)")
     p.add_argument("--overwrite", action="store_true", help="re-run the sampling even if it exists")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rtllm.run.config import SampleConfig
 from rtllm.lm.corpus import heldout_files, python_source_files, train_files
-from rtllm.evaluation.streaming import evaluate, write_evaluation
-from rtllm.lm.pretrain import ensure_pretrained
-from rtllm.run.sampling import sample
+
+if TYPE_CHECKING:
+    from rtllm.run.config import SampleConfig
 
 DEMO_STEPS = 300
 DEMO_BURN_IN = 100
@@ -23,7 +23,9 @@ DEMO_THIN = 20
 DEMO_OOD_BYTES = 100_000  # of standard-library Python source: plenty for the OOD statistics
 
 
-def demo_config(work: Path, steps: int | None = None) -> SampleConfig:
+def demo_config(work: Path, steps: int | None = None) -> "SampleConfig":
+    from rtllm.run.config import SampleConfig  # heavy (torch): not at import, the parser imports this
+
     steps = steps or DEMO_STEPS
     burn_in = min(DEMO_BURN_IN, steps // 3)
     return SampleConfig(
@@ -34,6 +36,10 @@ def demo_config(work: Path, steps: int | None = None) -> SampleConfig:
 
 
 def run_demo(work: Path, *, steps: int | None = None, overwrite: bool = False) -> Path:
+    from rtllm.evaluation.job import EvalJob, run_job
+    from rtllm.lm.pretrain import ensure_pretrained
+    from rtllm.run.sampling import sample
+
     work = Path(work)
     print(f"rtllm demo: working in {work.resolve()}")
     model_dir = ensure_pretrained(work / "model")
@@ -47,15 +53,21 @@ def run_demo(work: Path, *, steps: int | None = None, overwrite: bool = False) -
     print(f"[3/4] ensemble of {len(entries)} samples in {cfg.out}")
     print(f"      load one with AutoModelForCausalLM.from_pretrained('{Path(cfg.out) / entries[0]['path']}')")
     print("[4/4] evaluating on The Tempest (held out), Python source as out-of-distribution text")
-    result = evaluate(cfg.out, list(heldout_files()), ood_texts=python_source_files(DEMO_OOD_BYTES), baseline=model_dir,
-                      seq_len=cfg.seq_len, mask="manifest")
-    paths = write_evaluation(result, work / "evaluation")
-    s = result.summary
+    job = EvalJob(ensemble=cfg.out, data=tuple(map(str, heldout_files())), out=str(work / "evaluation"),
+                  ood=tuple(map(str, python_source_files(DEMO_OOD_BYTES))), baseline=str(model_dir),
+                  seq_len=cfg.seq_len)
+    done = run_job(job, say=lambda m: print(f"      {m}"))
+    paths, s = done.paths, done.summary
     print(f"      NLL (nats/token): ensemble {s['nll_bma']:.4f}, starting checkpoint {s['nll_baseline']:.4f}, "
           f"single samples {s['nll_samples_mean']:.4f}")
     print(f"      calibration: ECE {s['ece_top1']:.4f}, top-1 accuracy {s['accuracy_top1']:.3f}")
     print(f"      epistemic uncertainty: held-out {s['mean_epistemic']:.4f}, out-of-distribution "
           f"{s['mean_epistemic_ood']:.4f} nats; AUROC(OOD vs in) {s['auroc_ood_epistemic']:.3f}")
-    for name, path in paths.items():
-        print(f"      {name}: {path}")
+    out = (work / "evaluation").resolve()
+    print(f"done. Everything is in {work.resolve()}:")
+    print(f"      starting checkpoint  {Path(model_dir).resolve()}")
+    print(f"      ensemble             {Path(cfg.out).resolve()} ({len(entries)} samples in samples/, "
+          f"ensemble.json, the sampling log)")
+    print(f"      evaluation           {out}: " + ", ".join(sorted(p.name for p in paths.values())))
+    print(f"      open {out / 'tokens.html'} in a browser to see the text shaded by uncertainty")
     return work / "evaluation"

@@ -28,7 +28,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     a("--seq-len", type=int, help="tokens per window (default: the model's context, <= 1024)")
     a("--max-samples", type=int, help="evaluate that many samples, evenly spaced")
     a("--max-memory", type=_bytes,
-      help="bytes for the BMA accumulator and one sample's logits, e.g. 2G (default 1G)")
+      help="bytes for the BMA accumulator and one sample's logits, e.g. 2G (default: 1G)")
     a("--mask-heldout-above", type=float, help="also drop samples whose held-out loss (nats) "
       "in the manifest exceeds this")
     a("--include-masked", action="store_true", help="use the samples the run marked masked too")
@@ -37,48 +37,41 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     a("--device", default="auto", help="cpu, cuda, cuda:N or auto (%(default)s)")
     a("--encoding", help="encoding of the text files, e.g. latin-1 (default: UTF-8; text that does not "
       "decode is refused)")
-    a("--out", required=True, help="directory for summary.json and tokens.jsonl")
+    a("--out", required=True, help="directory for the results: summary.json (the numbers), "
+      "tokens.jsonl (one line per token), reliability.png, uncertainty_by_position.png, tokens.html "
+      "(the text shaded by uncertainty), diagnostics.json (convergence), summary_unmasked.json "
+      "(when samples are masked) and evaluation.json (its inputs; written last, when complete). "
+      "Other files there are left alone")
+    a("--recompute", action="store_true", help="evaluate again even if --out holds a complete "
+      "evaluation of the same ensemble, texts and options (it is reused otherwise)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from rtllm.evaluation.diagnostics import diagnose
-    from rtllm.evaluation.streaming import EvalResult, evaluate, write_evaluation
-    from rtllm.store.writer import atomic_write_json
-
-    def run(masking: bool) -> EvalResult:
-        return evaluate(args.ensemble, args.data, ood_texts=args.ood, baseline=args.baseline,
-                        seq_len=args.seq_len, max_samples=args.max_samples,
-                        max_memory=args.max_memory, mask="manifest" if masking else None,
-                        mask_heldout_above=args.mask_heldout_above if masking else None,
-                        device=args.device, encoding=args.encoding,
-                        progress=lambda m: print(f"rtllm evaluate: {m}", file=sys.stderr))
+    from rtllm.evaluation.job import EvalJob, run_job
 
     if not args.allow_degenerate:  # a chain of copies is no ensemble (rtllm.samplers.movement)
         from rtllm.evaluation.movement_check import refuse_degenerate
 
         refuse_degenerate(args.ensemble)
-    out = Path(args.out)
-    result = run(masking=not args.include_masked)
-    paths = write_evaluation(result, out)
-    for key, value in result.summary.items():
+    job = EvalJob(ensemble=args.ensemble, data=tuple(args.data), out=args.out, ood=tuple(args.ood or ()),
+                  baseline=args.baseline, seq_len=args.seq_len, max_samples=args.max_samples,
+                  max_memory=args.max_memory, mask_heldout_above=args.mask_heldout_above,
+                  include_masked=args.include_masked, device=args.device, encoding=args.encoding,
+                  recompute=args.recompute)
+    done = run_job(job, say=lambda m: print(f"rtllm evaluate: {m}", file=sys.stderr))
+    for key, value in done.summary.items():
         print(f"{key:>22}  {value:.4f}" if isinstance(value, float) else f"{key:>22}  {value}")
-    if result.summary["n_samples_masked"]:
-        # Masked samples are reported, and the headline numbers shown with them too.
-        everything = run(masking=False).summary
-        atomic_write_json(out / "summary_unmasked.json", everything)
-        paths["summary_unmasked"] = out / "summary_unmasked.json"
+    if done.summary_unmasked is not None:
         for key in ("nll_bma", "mean_epistemic", "ece_top1"):
-            print(f"{key:>22}  {result.summary[key]:.4f} without the {result.summary['n_samples_masked']} "
-                  f"masked samples, {everything[key]:.4f} with them")
-    try:
-        diag = diagnose(args.ensemble)
-    except (ValueError, FileNotFoundError) as err:  # no sampling log next to the samples
-        print(f"rtllm evaluate: no convergence diagnostics ({err})", file=sys.stderr)
-    else:
-        atomic_write_json(out / "diagnostics.json", diag)
-        paths["diagnostics"] = out / "diagnostics.json"
+            print(f"{key:>22}  {done.summary[key]:.4f} without the {done.summary['n_samples_masked']} "
+                  f"masked samples, {done.summary_unmasked[key]:.4f} with them")
+    if done.diagnostics_missing:
+        print(f"rtllm evaluate: no convergence diagnostics ({done.diagnostics_missing})", file=sys.stderr)
+    if done.diagnostics is not None:
+        diag = done.diagnostics
         fmt = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
         print(f"{'probe tau (median)':>22}  {fmt(diag['tau_median_steps'])} steps; converged "
               f"fraction {fmt(diag['fraction_converged'])}; split R-hat max {fmt(diag['rhat_max'])}")
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print(f"{'reused' if done.reused else 'wrote'} in {Path(args.out).resolve()}: "
+          + ", ".join(sorted(p.name for p in done.paths.values())))
     return 0

@@ -37,8 +37,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
       "or a number (%(default)s)")
     a("--undo", choices=["auto", "yes", "no"], default="auto", help="the copy of x and v that undoes a "
       "rejected step: 'auto' takes it, as rtllm sample does, when free memory exceeds twice its size")
-    a("--activation-checkpoint-every", type=int, default=1, help="activation checkpointing of every k-th "
-      "block, as `rtllm sample --activation-checkpoint-every` (%(default)s)")
+    a("--activation-checkpoint-every", type=int, default=1, help="plan with the activations of every "
+      "K-th transformer block recomputed in the backward pass, as `rtllm sample "
+      "--activation-checkpoint-every` (%(default)s)")
     a("--sample-dtype", choices=["compute", "fp32"], default="compute", help="as rtllm sample (%(default)s)")
 
 

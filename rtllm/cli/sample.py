@@ -39,7 +39,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--thin", type=int, default=d["thin"].default, help="take a sample every THIN steps after burn-in (%(default)s)")
     a("--dt", type=_dt, default="auto", help="time step, or 'auto' to choose it by the paper's recipe (%(default)s)")
     a("--loss-tolerance", type=float, help=f"nats per token the posterior may sit above the optimum; sets "
-      f"S = D/(2*tol) (default {DEFAULT_LOSS_TOLERANCE})")
+      f"S = D/(2*tol) (default: {DEFAULT_LOSS_TOLERANCE})")
     a("--scale-likelihood", type=float, help="S in ln p = -S * mean token loss (instead of --loss-tolerance)")
     a("--prior-scale", type=float, help="std of an isotropic Gaussian prior on the weights (default: none)")
     a("--prior-center", choices=["zero", "start"], default="zero", help="prior mean: zero, or the starting "
@@ -59,8 +59,10 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
       "(%(default)s)")
     a("--checkpoint-every", type=int, help="steps between checkpoints (default: about every 10 minutes)")
     a("--activation-checkpoint-every", type=int, default=d["activation_checkpoint_every"].default,
-      help="recompute the activations of blocks 0, K, 2K, ... only: faster, more memory (%(default)s: "
-      "every block; `rtllm plan` takes the same option)")
+      help="memory against time: the backward pass recomputes the activations of every K-th "
+      "transformer block instead of keeping them. 1 recomputes every block (least memory, one extra "
+      "forward pass); 2 every second block (faster, more memory) (default: %(default)s; `rtllm plan` "
+      "takes the same option)")
     a("--sample-dtype", choices=["compute", "fp32"], default="compute", help="store samples in the compute "
       "dtype (bf16 on GPU) or as fp32 master weights (%(default)s)")
     a("--layout", choices=sorted(LAYOUTS), default=d["layout"].default, help="sampler state layout: fp32, "
@@ -69,7 +71,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--seed", type=int, default=0, help="seed of the chain (%(default)s); chain k > 0 derives its own "
       "from (seed, k)")
     a("--chain", type=int, help="chain id K: write OUT/chains/chain-K (several chains, one ensemble; see "
-      "`rtllm merge`); under torchrun rank r runs chain K + r (default 0)")
+      "`rtllm merge`); under torchrun rank r runs chain K + r (default: 0)")
     a("--sampler", choices=["ray", "mclmc"], default=d["sampler"].default, help="ray tracing, or "
       "microcanonical Langevin as inside MILE (then --dt is its step size per full step of two "
       "gradients) (%(default)s)")

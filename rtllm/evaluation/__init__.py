@@ -3,8 +3,10 @@
 `streaming` runs `rtllm.evaluate` (samples streamed over token windows, the Bayesian model
 average accumulated in bounded memory); `metrics` the per-token quantities (total, aleatoric,
 epistemic uncertainty, NLL, calibration, OOD AUROC); `diagnostics` the convergence figures read
-from the run logs; `report` the plots and the shaded-token HTML.
+from the run logs; `report` the plots and the shaded-token HTML; `job` one evaluation into an
+output directory, `publish` its staging, completion marker and reuse.
 
 (Named `evaluation`, not `evaluate`, so that `rtllm.evaluate` stays the function.)
-May import: rtllm.store, rtllm.lm, rtllm.samplers (autocorrelation), torch, numpy, matplotlib.
+May import: rtllm.store, rtllm.lm, rtllm.samplers (autocorrelation), rtllm.state.progress, torch,
+numpy, matplotlib.
 """

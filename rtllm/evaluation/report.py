@@ -27,7 +27,7 @@ SHADES = (("epistemic", "epistemic"), ("total", "entropy_total"), ("aleatoric", 
 
 
 def write_reports(table: dict[str, np.ndarray], summary: dict, out_dir: Path,
-                  max_tokens: int = MAX_TOKENS) -> dict[str, Path]:
+                  max_tokens: int = MAX_TOKENS, context: dict | None = None) -> dict[str, Path]:
     """Write reliability.png, uncertainty_by_position.png and tokens.html into out_dir."""
     t = _checked(table)
     out_dir = Path(out_dir)

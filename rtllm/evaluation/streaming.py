@@ -32,6 +32,7 @@ from rtllm.lm.data import context_length, pack, read_texts, tokenize_texts
 from rtllm.store.ensemble import Ensemble
 from rtllm.evaluation.metrics import TOKEN_TABLE_KEYS, TokenTable, write_token_table  # noqa: F401 (API)
 from rtllm.lm.model_io import load_tokenizer, resolve_device
+from rtllm.state.progress import Progress
 
 DEFAULT_MAX_MEMORY = 1 << 30
 DEFAULT_MAX_SEQ_LEN = 1024  # cap of the default window: attention cost grows with T^2
@@ -102,8 +103,9 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
 
     nll_base = np.full(windows.shape[0] * seq_len, np.nan)
     if baseline is not None:  # first, so that its model is freed before the samples' is built
+        say(f"the starting checkpoint {baseline} first, then the samples")
         nll_base = baseline_nll(baseline, tokenizer, ensemble.out_dir, windows, chunks, device,
-                                block_bytes)
+                                block_bytes, show_progress=progress is not None)
     model = ensemble.load_model(used[0]["index"], dtype=dtype, local_files_only=True)
     model = model.to(device).eval()
     # Chunk c visits the samples forwards (c even) or backwards: the boundary sample stays loaded.
@@ -112,6 +114,7 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
     plan = [i for prev, i in zip([used[0]["index"]] + plan, plan) if i != prev]
     loader = SampleLoader(ensemble, plan, model, device, loaded=used[0]["index"])
     parts = []
+    bar = Progress(len(chunks) * len(used), "evaluate", unit="sample pass", enabled=progress is not None)
     try:
         with torch.inference_mode():
             for c, (rows, order) in enumerate(zip(chunks, orders)):
@@ -127,10 +130,12 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
                         acc.add_block(logits.reshape(-1, logits.shape[-1]), entry["weight"], w * seq_len)
                         del logits
                     acc.close_sample(entry["weight"])
+                    bar.update(1)
                 parts.append({k: v.cpu().numpy() for k, v in acc.finalize().items()})
                 del acc
                 say(f"chunk {c + 1}/{len(chunks)} done")
     finally:
+        bar.close()
         loader.close()
 
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -357,7 +362,8 @@ def load_weights(model, state: dict, where: Path, aliases: dict[str, list[str]])
 
 
 def baseline_nll(baseline: str | Path, tokenizer, ensemble_dir: Path, windows: torch.Tensor,
-                 chunks: list[slice], device: torch.device, block_bytes: int) -> np.ndarray:
+                 chunks: list[slice], device: torch.device, block_bytes: int,
+                 show_progress: bool = False) -> np.ndarray:
     """Per-token NLL of the starting checkpoint on all windows (its own pass, then freed)."""
     from rtllm.lm.model_io import load_model_and_tokenizer
 
@@ -365,17 +371,19 @@ def baseline_nll(baseline: str | Path, tokenizer, ensemble_dir: Path, windows: t
     check_same_tokenizer(tokenizer, theirs, ensemble_dir, Path(baseline))
     model = model.to(device, _compute_dtype(model.dtype, device)).eval()
     out = []
-    with torch.inference_mode():
+    with torch.inference_mode(), Progress(len(chunks), "baseline", unit="chunk", enabled=show_progress) as bar:
         for rows in chunks:
             seqs = windows[rows].to(device)
             logits = model(input_ids=seqs[:, :-1], use_cache=False).logits
             out.append(metrics.token_nll(logits, seqs[:, 1:], block_bytes=block_bytes).cpu())
             del logits
+            bar.update(1)
     return torch.cat(out).numpy()
 
 
-def write_evaluation(result: "EvalResult", out: Path) -> dict[str, Path]:
-    """summary.json, tokens.jsonl and the reports (PNG plots, shaded-token HTML) into `out`."""
+def write_evaluation(result: "EvalResult", out: Path, context: dict | None = None) -> dict[str, Path]:
+    """summary.json, tokens.jsonl and the reports (PNG plots, shaded-token HTML) into `out`;
+    `context` (ensemble, texts, ...: `rtllm.evaluation.job`) names the inputs in the reports."""
     from rtllm.evaluation.report import write_reports
     from rtllm.store.writer import atomic_write_json
 
@@ -384,4 +392,5 @@ def write_evaluation(result: "EvalResult", out: Path) -> dict[str, Path]:
     atomic_write_json(out / "summary.json", result.summary)
     write_token_table(result.table, out / "tokens.jsonl")
     return {"summary": out / "summary.json", "token_table": out / "tokens.jsonl",
-            **{f"report_{k}": v for k, v in write_reports(result.table, result.summary, out).items()}}
+            **{f"report_{k}": v
+               for k, v in write_reports(result.table, result.summary, out, context=context).items()}}

@@ -5,5 +5,5 @@ for sampling; `data` reads and packs text into token windows and minibatch order
 chunked LM-head cross-entropy; `presets` the published GPT-2 configs; `pretrain` trains the
 tiny built-in GPT-2 on the bundled `corpus`.
 
-May import: torch, transformers, tokenizers. Knows nothing of samplers, runs or storage.
+May import: rtllm.state.progress (progress lines), torch, transformers, tokenizers. Knows nothing of samplers, runs or storage.
 """

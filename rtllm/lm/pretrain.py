@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from rtllm.lm.corpus import train_files
+from rtllm.state.progress import Progress
 
 EOS = "<|endoftext|>"
 INFO_FILE = "rtllm_pretrain.json"  # hyper-parameters and losses, next to config.json
@@ -186,7 +187,7 @@ def _train(
     batch_size: int,
     lr: float,
     seed: int,
-    say: Callable[[str], None],
+    show_progress: bool,
 ) -> None:
     """AdamW with warm-up + cosine decay and gradient clipping, over seeded shuffled batches."""
     # Weight decay on matrices only, as usual: decaying gains and biases just hurts the fit.
@@ -199,18 +200,17 @@ def _train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps))
     batches = _batches(len(train), batch_size, torch.Generator().manual_seed(seed))
     model.train()
-    start, every = time.perf_counter(), max(1, steps // 10)
-    for step, idx in zip(range(steps), batches):
-        batch = train[idx]
-        loss = model(batch, labels=batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if (step + 1) % every == 0 or step + 1 == steps:
-            say(f"pretrain: step {step + 1}/{steps} batch loss {loss.item():.3f} "
-                f"({time.perf_counter() - start:.0f} s)")
+    every = max(1, steps // 100)  # reading the loss syncs: not every step
+    with Progress(steps, "pretrain", enabled=show_progress) as bar:
+        for step, idx in zip(range(steps), batches):
+            batch = train[idx]
+            loss = model(batch, labels=batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.update(1, **({"batch_loss": f"{loss.item():.3f}"} if step % every == 0 else {}))
 
 
 def _save(
@@ -287,7 +287,8 @@ def pretrain(
         initial_val = _mean_loss(model, val, batch_size)
         say(f"pretrain: {n_params / 1e6:.2f}M parameters, "
             f"initial validation loss {initial_val:.3f}")
-        _train(model, train, steps=steps, batch_size=batch_size, lr=lr, seed=seed, say=say)
+        _train(model, train, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+               show_progress=log is not None)
         train_loss = _mean_loss(model, train, batch_size)
         val_loss = _mean_loss(model, val, batch_size)
     seconds = time.perf_counter() - start

@@ -31,6 +31,7 @@ from rtllm.store.runlog import RunLog, peak_memory_bytes
 from rtllm.run.sampler_setup import build_sampler, load_init_weights, needs_tuning, tune_in_burn_in
 from rtllm.store.manifest import RUN_MARKER
 from rtllm.store.writer import SampleWriter, check_free_disk, copy_tokenizer, estimate_run_disk
+from rtllm.state.progress import Progress
 
 PROBE_SEQUENCES, PROBE_POSITIONS, PROBE_TOP = 2, 64, 5
 HELDOUT_EVAL_SEQUENCES = 8
@@ -255,7 +256,14 @@ class SamplingRun:
                  f"dt0 = 0.03/sqrt(D), tolerance {self.tolerance:.3g} nats")
         self._calibrate_guards()
         start = self.state["start_loss"]  # the mean loss over the trials' batches
-        dt, trials = dt_auto.search_dt(lambda dt: self._trial(dt, start), dt_auto.initial_dt(self.num_params))
+
+        def trial(dt: float) -> dt_auto.Trial:  # each trial takes seconds to minutes: say each one
+            result = self._trial(dt, start)
+            self.say(f"dt trial: dt = {dt:.3g} {dt_auto.describe(result, self.tolerance)} (loss "
+                     f"{result.start_loss:.3f} -> {result.end_loss:.3f})")
+            return result
+
+        dt, trials = dt_auto.search_dt(trial, dt_auto.initial_dt(self.num_params))
         self.state["dt_trials"] = [t.__dict__ for t in trials]
         self.say(f"dt = {dt:.4g} ({len(trials)} trials; "
                  f"{dt_auto.describe(next(t for t in trials if t.dt == dt), self.tolerance)})")
@@ -294,7 +302,9 @@ class SamplingRun:
     def _load_checkpoint(self) -> None:
         ckpt = load_checkpoint(self.ckpt_path)
         if ckpt is None:
-            self.say(f"--resume: no checkpoint in {self.ckpt_path.parent}, starting fresh")
+            earlier = (self.cfg.out_dir / RUN_MARKER).exists()  # written after this, by every run
+            self.say(f"no checkpoint of an earlier run in {self.cfg.out_dir} yet: starting at step 0"
+                     if earlier else f"starting a new run in {self.cfg.out_dir}")
             return
         diff = settings_differ(ckpt["config"], self.cfg.chain_defining())
         if diff:
@@ -307,7 +317,11 @@ class SamplingRun:
             self._backup = [(cx.to(self.device), cv.to(self.device)) for cx, cv in ckpt["backup"]]
         check_listed_samples(self.cfg.out_dir, self.cfg.chain, self.state["step"])
         self.resumed = True
-        self.say(f"resumed from step {self.state['step']} ({self.ckpt_path})")
+        if self.state["step"] >= self.cfg.steps and self.state.get("sample_due") is None:
+            self.say(f"already complete: the run in {self.cfg.out_dir} took all {self.cfg.steps} steps; "
+                     f"nothing to do")
+        else:
+            self.say(f"resuming at step {self.state['step']} of {self.cfg.steps} ({self.ckpt_path})")
 
     # -- the loop -------------------------------------------------------------------------
     def _undo_last_step(self) -> None:
@@ -322,7 +336,8 @@ class SamplingRun:
         self.writer = SampleWriter(cfg.out_dir, model_config=self.model.config,
                                    named_tensors=self._named_tensors(), frozen=frozen,
                                    sample_dtype=torch.float32 if cfg.sample_dtype == "fp32" else None,
-                                   run_config=self.manifest_config())
+                                   run_config=self.manifest_config(),
+                                   generation_config=getattr(self.model, "generation_config", None))
         try:
             with self.writer, stop_on_signals(cfg.out_dir) as self._stop:
                 self._calibrate_guards()
@@ -344,10 +359,7 @@ class SamplingRun:
     def _loop(self) -> None:
         cfg, st = self.cfg, self.state
         last_ckpt = time.monotonic()
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=st["step"], desc="sampling", dynamic_ncols=True,
-                   disable=not os.isatty(2))
+        bar = Progress(cfg.steps, "sampling", initial=st["step"])  # a bar on a terminal, else a line every 10 s
         # An MCLMC sample waits for its full step's end when a divergence restarted a step off the
         # even grid (MCLMC._diverge): the run then takes one gradient more for it.
         while st["step"] < cfg.steps or st.get("sample_due") is not None:
@@ -410,9 +422,8 @@ class SamplingRun:
             record["tokens_per_s"] = tokens / (time.perf_counter() - t0)
             record["peak_memory_bytes"] = peak_memory_bytes(self.device)
             self.log.write(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", heldout=f"{record.get('heldout_loss', float('nan')):.3f}",
-                            angle=f"{record.get('angle', 0.0):.2e}")
+            bar.update(1, loss=f"{loss:.3f}", heldout=f"{record.get('heldout_loss', float('nan')):.3f}",
+                       angle=f"{record.get('angle', 0.0):.2e}")
             due = (st["step"] % cfg.checkpoint_every == 0) if cfg.checkpoint_every else \
                 time.monotonic() - last_ckpt > CHECKPOINT_SECONDS
             if due and st["step"] < cfg.steps:

@@ -6,8 +6,10 @@ Layout of an output directory OUT:
     OUT/tokenizer.json, ...           tokenizer files (`copy_tokenizer`)
     OUT/samples/000003/config.json    model config (dtype set to the stored dtype)
     OUT/samples/000003/model.safetensors
+    OUT/samples/000003/tokenizer.json, generation_config.json, ...   (`sample_dir_companions`)
 
-so `AutoModelForCausalLM.from_pretrained("OUT/samples/000003")` loads sample 3. Sample indices
+so `AutoModelForCausalLM.from_pretrained("OUT/samples/000003")`, `AutoTokenizer` and
+`pipeline("text-generation", model=...)` all work on sample 3 alone. Sample indices
 are global across chains (one directory per index). Every write goes to a temporary sibling,
 is fsynced, then renamed into place, and the manifest lists a sample only after its bytes were
 re-read and matched the sha256 computed while writing: a crash or a full disk never leaves a
@@ -37,6 +39,7 @@ from rtllm.store.manifest import (  # noqa: F401 (re-exported: the storage API)
     MANIFEST, SAMPLES, SCHEMA_VERSION, WEIGHTS, Manifest, _fsync_dir, _json_normal, atomic_write_bytes,
     atomic_write_json, check_free_disk, copy_tokenizer, estimate_run_disk, rtllm_version, sha256_file)
 from rtllm.store.manifest import _CHUNK, _ST_DTYPES, _TMP_PREFIX
+from rtllm.store.sample_dir import GENERATION_CONFIG, link_or_copy, sample_dir_companions
 
 
 # -- safetensors layout ---------------------------------------------------------------------------
@@ -147,7 +150,7 @@ class SampleWriter:
 
     def __init__(self, out_dir: Path, *, model_config, named_tensors: Mapping[str, Tensor],
                  sample_dtype: torch.dtype | None, run_config: dict, max_pending: int = 2,
-                 frozen: Collection[str] = ()) -> None:
+                 frozen: Collection[str] = (), generation_config=None) -> None:
         if sys.byteorder != "little":
             raise RuntimeError("safetensors files are little-endian; this host is not")
         if sample_dtype is not None and not sample_dtype.is_floating_point:
@@ -167,6 +170,9 @@ class SampleWriter:
         if self.dtype_name != "mixed":  # from_pretrained(dtype="auto") reads it
             self._config.dtype = getattr(torch, self.dtype_name)
         self._config_json = self._config.to_json_string().encode()
+        # generation_config.json makes pipeline("text-generation") on a sample behave as on the model.
+        self._generation_json = generation_config.to_json_string().encode() \
+            if generation_config is not None else None
         self._run_config_json = json.dumps(self._manifest.config, sort_keys=True)
         cuda = {s.source.device for s in self._slots if s.source.is_cuda}
         if len(cuda) > 1:
@@ -198,6 +204,7 @@ class SampleWriter:
         config = copy.deepcopy(model.config)
         if not getattr(config, "architectures", None):  # save_pretrained fills it; vLLM needs it
             config.architectures = [type(model).__name__]
+        kwargs.setdefault("generation_config", getattr(model, "generation_config", None))
         return cls(out_dir, model_config=config, named_tensors=named, frozen=frozen, **kwargs)
 
     @property
@@ -346,6 +353,10 @@ class SampleWriter:
         try:
             tmp.mkdir()
             _write_synced(tmp / "config.json", [self._config_json])
+            if self._generation_json is not None:
+                _write_synced(tmp / GENERATION_CONFIG, [self._generation_json])
+            for src in sample_dir_companions(self.out_dir):  # the tokenizer: a sample is a whole model
+                link_or_copy(src, tmp / src.name)
             header = _header(self._slots, self._metadata(job.index, job.chain, job.step))
             data = memoryview(job.buf.data.numpy())
             chunks = [header] + [data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)]
@@ -391,11 +402,12 @@ def sample_file_hashes(sample_dir: Path, known: Mapping[str, str] = {}) -> dict[
 def _install(tmp: Path, final: Path) -> None:
     """Move a complete sample directory into place. A new index: one directory rename. An
     existing one: rename(2) cannot replace a non-empty directory, so each file is replaced
-    atomically (the weights last): a reader sees complete files at every moment."""
+    atomically (config and tokenizer first, weights last): a reader sees complete files at every
+    moment."""
     if not final.exists():
         os.rename(tmp, final)
     else:
-        for name in sorted((p.name for p in tmp.iterdir()), key=lambda n: n == WEIGHTS):
-            os.replace(tmp / name, final / name)
+        for path in sorted(tmp.iterdir(), key=lambda p: (p.name == WEIGHTS, p.name)):
+            os.replace(path, final / path.name)
         _fsync_dir(final)
     _fsync_dir(final.parent)

@@ -176,7 +176,7 @@ def test_merge_takes_a_crashed_chains_complete_samples_then_updates(tiny_model_d
                         ("MASTER_PORT", str(free_port()))):
         monkeypatch.setenv(name, value)
     run_sample(config(tiny_model_dir, train_file, out), first_chain=1)
-    assert "resumed from step 8" in capsys.readouterr().out
+    assert "resuming at step 8 of" in capsys.readouterr().out
     assert not half.exists()  # the writer clears temporaries of a crashed run
     ens = Ensemble(out)
     assert ens.indices == [0, 1, INDEX_STRIDE, INDEX_STRIDE + 1]

@@ -95,8 +95,16 @@ def test_sigkill_then_resume_is_byte_identical(model_dir, train_file, tmp_path):
         json.loads((out / "ensemble.json").read_text())["samples"]
 
 
-def test_resume_without_checkpoint_starts_fresh(model_dir, train_file, tmp_path):
-    sample(config(model_dir, train_file, tmp_path / "o", steps=12), resume=True)
+def test_resume_without_checkpoint_starts_fresh_and_says_what_happens(model_dir, train_file, tmp_path):
+    said = []
+    sample(config(model_dir, train_file, tmp_path / "o", steps=12), resume=True, log=said.append)
+    assert len(Ensemble(tmp_path / "o")) == 1
+    assert any(m.startswith("starting a new run in") for m in said), said
+    assert not any("--resume" in m or m.startswith("resuming") for m in said), said  # nothing to resume
+    said.clear()
+    sample(config(model_dir, train_file, tmp_path / "o", steps=12), resume=True, log=said.append)
+    assert any(m.startswith("already complete") and "nothing to do" in m for m in said), said
+    assert not any(m.startswith("resuming") for m in said), said
     assert len(Ensemble(tmp_path / "o")) == 1
 
 

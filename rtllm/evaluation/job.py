@@ -1,0 +1,113 @@
+"""One evaluation into an output directory, as `rtllm evaluate` and `rtllm demo` run it.
+
+Checks `--out` before any computation, reuses a complete evaluation of the same inputs, else
+evaluates (with and, when samples are masked, without the mask), adds the convergence
+diagnostics, writes everything into a staging directory and publishes it (`publish`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from rtllm.evaluation import publish
+from rtllm.lm.data import read_texts
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """The inputs of `rtllm evaluate`; everything but `device` and `max_memory` can change the
+    numbers and is part of the fingerprint (those two change only how they are computed)."""
+
+    ensemble: str
+    data: tuple[str, ...]
+    out: str
+    ood: tuple[str, ...] = ()
+    baseline: str | None = None
+    seq_len: int | None = None
+    max_samples: int | None = None
+    max_memory: int | None = None
+    mask_heldout_above: float | None = None
+    include_masked: bool = False
+    device: str = "auto"
+    encoding: str | None = None
+    recompute: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("give at least one --data file or directory")
+
+
+@dataclass
+class EvalOutcome:
+    summary: dict
+    paths: dict[str, Path]
+    reused: bool
+    summary_unmasked: dict | None = None
+    diagnostics: dict | None = None
+    diagnostics_missing: str | None = None  # why there are none (no sampling log)
+    inputs: dict = field(default_factory=dict)
+
+
+def run_job(job: EvalJob, say: Callable[[str], None] = lambda m: None) -> EvalOutcome:
+    """Evaluate `job` into `job.out`, or reuse what is there; see the module docstring."""
+    import json
+
+    out = Path(job.out)
+    publish.check_out_dir(out)
+    texts, ood = _texts(job.data), _texts(job.ood)
+    options = {"seq_len": job.seq_len, "max_samples": job.max_samples, "include_masked": job.include_masked,
+               "mask_heldout_above": job.mask_heldout_above, "encoding": job.encoding}
+    digest, inputs = publish.fingerprint(Path(job.ensemble), texts, ood,
+                                         Path(job.baseline) if job.baseline else None, options)
+    inputs = {"ensemble": str(Path(job.ensemble).resolve()), **inputs}
+    done = None if job.recompute else publish.completed(out, digest)
+    if done is not None:
+        say(f"already complete: the evaluation in {out} was made from the same ensemble, texts and "
+            f"options; nothing to do (--recompute evaluates again)")
+        read = lambda name: json.loads((out / name).read_text()) if (out / name).is_file() else None  # noqa: E731
+        return EvalOutcome(summary=read("summary.json"), paths={p.stem: p for p in done}, reused=True,
+                           summary_unmasked=read("summary_unmasked.json"), diagnostics=read("diagnostics.json"),
+                           inputs=inputs)
+    staging = publish.begin(out)
+    try:
+        outcome = _evaluate_into(job, staging, inputs, say)
+        outcome.paths = publish.publish(staging, out, digest, inputs)
+    except BaseException:
+        publish.discard(staging)
+        raise
+    return outcome
+
+
+def _texts(paths: Sequence[str]) -> dict[str, str]:
+    return {str(p.resolve()): text for p, text in read_texts(paths)} if paths else {}
+
+
+def _evaluate_into(job: EvalJob, staging: Path, inputs: dict, say: Callable[[str], None]) -> EvalOutcome:
+    from rtllm.evaluation.diagnostics import diagnose
+    from rtllm.evaluation.streaming import evaluate, write_evaluation
+    from rtllm.store.manifest import atomic_write_json
+
+    def run(masking: bool):
+        return evaluate(job.ensemble, list(job.data), ood_texts=list(job.ood) or None, baseline=job.baseline,
+                        seq_len=job.seq_len, max_samples=job.max_samples, max_memory=job.max_memory,
+                        mask="manifest" if masking else None,
+                        mask_heldout_above=job.mask_heldout_above if masking else None,
+                        device=job.device, encoding=job.encoding, progress=say)
+
+    result = run(masking=not job.include_masked)
+    say("writing tokens.jsonl, summary.json and the reports")
+    write_evaluation(result, staging, context=inputs)
+    outcome = EvalOutcome(summary=result.summary, paths={}, reused=False, inputs=inputs)
+    if result.summary["n_samples_masked"]:
+        # Masked samples are reported, and the headline numbers shown with them too.
+        say(f"again with the {result.summary['n_samples_masked']} masked samples, for summary_unmasked.json")
+        outcome.summary_unmasked = run(masking=False).summary
+        atomic_write_json(staging / "summary_unmasked.json", outcome.summary_unmasked)
+    try:
+        outcome.diagnostics = diagnose(job.ensemble)
+    except (ValueError, FileNotFoundError) as err:  # no sampling log next to the samples
+        outcome.diagnostics_missing = str(err)
+    else:
+        atomic_write_json(staging / "diagnostics.json", outcome.diagnostics)
+    return outcome
