@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch_mode
 from .philox import check_noise_args
 from .reference import check_coefficients, check_step_tensors
 
@@ -123,7 +124,7 @@ def _interpreting() -> bool:
 
 
 def _check_device(v: torch.Tensor) -> None:
-    if v.device.type != "cuda" and not _interpreting():
+    if v.device.type != "cuda" and not _interpreting() and not launch_mode.compile_only_active():
         raise ValueError(
             f"the Triton kernels need CUDA tensors (got {v.device}); use the *_ref functions "
             "or set TRITON_INTERPRET=1 before importing triton"
