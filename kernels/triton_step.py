@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch_mode
 from .philox import check_noise_args
 from .reference import check_coefficients, check_step_tensors
 
@@ -30,7 +31,11 @@ BLOCK = 1024  # elements per program = 256 Philox quads; memory-bound, no autotu
 _NUM_WARPS = 4
 _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_NOISE_ARGS = ["seed", "step", "stream", "offset"]  # change every call: never specialize on them
+# Change from call to call (or shard to shard): never specialize on their values. The shard's
+# offset is split into quad_base = offset // 4 (here) and the constexpr OFFSET_MOD = offset % 4,
+# constant per shard: with OFFSET_MOD == 0 the element index is a known multiple of BLOCK plus
+# arange, so 16-byte aligned shards get vector loads and stores (ld.global.v4).
+_NOISE_ARGS = ["seed", "step", "stream", "quad_base"]
 
 
 @triton.jit
@@ -54,22 +59,27 @@ def _normals_block(seed, step, stream, quad0, QUADS: tl.constexpr):
 
 
 @triton.jit
-def _block_index(offset, N, BLOCK: tl.constexpr):
-    """Local indices of this program's elements, their mask, and the first quad index."""
+def _block_index(quad_base, N, OFFSET_MOD: tl.constexpr, BLOCK: tl.constexpr):
+    """Local indices of this program's elements, their mask, and the first quad index.
+
+    The shard's offset is 4 * quad_base + OFFSET_MOD; local element i is global 4*quad_base + OFFSET_MOD + i.
+    """
     pid = tl.program_id(0).to(tl.int64)
-    offset = offset.to(tl.int64)
-    quad0 = offset // 4 + pid * (BLOCK // 4)
-    idx = quad0 * 4 + tl.arange(0, BLOCK).to(tl.int64) - offset  # int64: shards exceed 2^31
-    mask = (idx >= 0) & (idx < N)
+    quad0 = quad_base.to(tl.int64) + pid * (BLOCK // 4)
+    idx = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64) - OFFSET_MOD  # int64: shards exceed 2^31
+    if OFFSET_MOD == 0:
+        mask = idx < N
+    else:
+        mask = (idx >= 0) & (idx < N)
     return idx, mask, quad0
 
 
 @triton.jit(do_not_specialize=_NOISE_ARGS)
 def _reduce_sums_kernel(
-    v_ptr, g_ptr, part_ptr, N, seed, step, stream, offset,
-    NOISE: tl.constexpr, BLOCK: tl.constexpr,
+    v_ptr, g_ptr, part_ptr, N, seed, step, stream, quad_base,
+    OFFSET_MOD: tl.constexpr, NOISE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    idx, mask, quad0 = _block_index(offset, N, BLOCK)
+    idx, mask, quad0 = _block_index(quad_base, N, OFFSET_MOD, BLOCK)
     v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     row = part_ptr + tl.program_id(0).to(tl.int64) * 6
@@ -90,10 +100,11 @@ def _reduce_sums_kernel(
 
 @triton.jit(do_not_specialize=_NOISE_ARGS)
 def _fused_update_kernel(
-    x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, N, alpha, beta, gamma, delta, seed, step, stream, offset,
-    NOISE: tl.constexpr, HAS_COMPUTE: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, N, alpha, beta, gamma, delta, seed, step, stream, quad_base,
+    OFFSET_MOD: tl.constexpr, NOISE: tl.constexpr, HAS_COMPUTE: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    idx, mask, quad0 = _block_index(offset, N, BLOCK)
+    idx, mask, quad0 = _block_index(quad_base, N, OFFSET_MOD, BLOCK)
     if SPLIT:  # x_ptr: the high plane read as int16; the fp32 bits are hi * 2^16 + lo
         hi = tl.load(x_ptr + idx, mask=mask, other=0).to(tl.int32)
         lo = tl.load(lo_ptr + idx, mask=mask, other=0).to(tl.int32)
@@ -123,7 +134,7 @@ def _interpreting() -> bool:
 
 
 def _check_device(v: torch.Tensor) -> None:
-    if v.device.type != "cuda" and not _interpreting():
+    if v.device.type != "cuda" and not _interpreting() and not launch_mode.compile_only_active():
         raise ValueError(
             f"the Triton kernels need CUDA tensors (got {v.device}); use the *_ref functions "
             "or set TRITON_INTERPRET=1 before importing triton"
@@ -157,8 +168,8 @@ def reduce_sums(
     grid = _grid(n, offset)
     partials = torch.empty((grid[0], 6), dtype=torch.float32, device=v.device)
     _reduce_sums_kernel[grid](
-        v, g, partials, n, seed, step & 0xFFFFFFFF, stream, offset,
-        NOISE=bool(noise), BLOCK=BLOCK, num_warps=_NUM_WARPS,
+        v, g, partials, n, seed, step & 0xFFFFFFFF, stream, offset // 4,
+        OFFSET_MOD=offset % 4, NOISE=bool(noise), BLOCK=BLOCK, num_warps=_NUM_WARPS,
     )
     return torch.sum(partials, dim=0, dtype=torch.float64)
 
@@ -200,7 +211,7 @@ def fused_update_(
         x.view(torch.int16) if split else x, x_lo if split else x, v, g,
         x if compute is None else compute, n,
         float(alpha), float(beta), float(gamma), float(delta),
-        seed, step & 0xFFFFFFFF, stream, offset,
+        seed, step & 0xFFFFFFFF, stream, offset // 4, OFFSET_MOD=offset % 4,
         NOISE=bool(noise), HAS_COMPUTE=compute is not None, SPLIT=split, BLOCK=BLOCK,
         num_warps=_NUM_WARPS,
     )

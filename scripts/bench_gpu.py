@@ -132,7 +132,7 @@ def measure_batch(model, sampler, config, batch: int, seq: int, steps: int, devi
         marks = Marks(device)
         run_steps(model, sampler, ids, steps, marks)
         times = marks.intervals()
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError is newer than the torch>=2.4 floor
         row["error"] = "out of memory"
     if times is None:  # outside the except block: its traceback no longer pins the activations
         sampler.zero_grad()

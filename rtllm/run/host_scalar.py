@@ -13,9 +13,11 @@ class HostScalar:
         self._event = None
         if value.is_cuda:
             host = torch.empty((), dtype=value.dtype, pin_memory=True)
-            host.copy_(value, non_blocking=True)
+            stream = torch.cuda.current_stream(value.device)  # the copy's stream, whatever the current device
+            with torch.cuda.stream(stream):
+                host.copy_(value, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(stream)
             value = host
         self._value = value
 

@@ -48,6 +48,10 @@ class SamplingRun:
                  log: Callable[[str], None] = print) -> None:
         self.cfg, self.say = cfg, log
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            # Triton launches and torch's default stream follow the *current* device: under
+            # torchrun (rank k -> cuda:k) or with --device cuda:1 it must be this run's GPU.
+            torch.cuda.set_device(self.device)
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
@@ -130,7 +134,7 @@ class SamplingRun:
         """Undoing a rejected step needs a copy of x and v (8 bytes/parameter)."""
         need = self.num_params * 8
         if self.device.type == "cuda":
-            return torch.cuda.mem_get_info()[0] > 2 * need
+            return torch.cuda.mem_get_info(self.device)[0] > 2 * need
         try:
             avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError):
@@ -212,6 +216,7 @@ class SamplingRun:
         """
         # The snapshot of x and v goes to host memory: on a GPU a device copy (8 bytes/parameter,
         # 11.6 GiB at GPT-2 XL) would not fit a 24 GB card next to the state.
+        self.writer.wait_snapshot()  # the trial steps write the weights in place
         saved = map_tensors(self.sampler.state_dict(), lambda t: t.to("cpu", copy=True))
         cursors = range(self.cfg.dt_trial_steps)
         self._set_dt(dt)
@@ -326,6 +331,7 @@ class SamplingRun:
     # -- the loop -------------------------------------------------------------------------
     def _undo_last_step(self) -> None:
         """Restore x and v from before the last update and reverse v (the ray bounces back)."""
+        self.writer.wait_snapshot()  # the side-stream copy of the last sample may still read them
         for shard, (bx, bv) in zip(self.sampler.shards, self._backup):
             shard.set_position(bx)  # and the compute copy (or, fp32-split, both planes)
             shard.v.copy_(bv).neg_()

@@ -1,0 +1,66 @@
+"""Every kernel variant the backends launch, as calls of the real launchers (for compile_check).
+
+Each entry calls `triton_step.reduce_sums` / `fused_update_` the way rtllm.state.backends does
+for one kind of shard; under `compile_check.compile_only()` that compiles the variant for a GPU
+target without running it. Shards are 4096 elements (a multiple of 16, 16-byte aligned as every
+allocation is) unless the name says otherwise; "misaligned" shards start at offset % 4 == 1.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import triton_step
+
+N = 4096
+KEY = dict(seed=0x5EED_0000_1234, step=7, stream=1)
+BIG_KEY = dict(seed=2**64 - 5, step=2**32 + 7, stream=2**31 + 1)  # 64-bit words everywhere
+COEF = dict(alpha=0.9, beta=-0.3, gamma=0.2, delta=0.05)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _state(grad: str = "fp32", compute: str | None = None, split: bool = False):
+    x = torch.zeros(N, dtype=torch.bfloat16 if split else torch.float32)
+    v, g = torch.zeros(N), torch.zeros(N, dtype=_DTYPES[grad])
+    c = None if compute is None else torch.zeros(N, dtype=_DTYPES[compute])
+    lo = torch.zeros(N, dtype=torch.int16) if split else None
+    return x, v, g, c, lo
+
+
+def _reduce(grad: str, noise: bool, offset: int = 0, key: dict = KEY) -> Callable[[], None]:
+    def launch() -> None:
+        _, v, g, _, _ = _state(grad)
+        triton_step.reduce_sums(v, g, offset=offset, noise=noise, **key)
+    return launch
+
+
+def _update(grad: str, compute: str | None, noise: bool, *, split: bool = False, offset: int = 0,
+            key: dict = KEY) -> Callable[[], None]:
+    def launch() -> None:
+        x, v, g, c, lo = _state(grad, compute, split)
+        triton_step.fused_update_(x, v, g, c, x_lo=lo, offset=offset, noise=noise, **COEF, **key)
+    return launch
+
+
+def _velocity_draw() -> None:
+    """As _PhiloxBackend.draw_velocity: v <- scale * n through the update pass."""
+    x, v, _, _, _ = _state()
+    triton_step.fused_update_(x, v, v, None, alpha=0.0, beta=0.0, gamma=1.0, delta=0.0,
+                              seed=KEY["seed"], step=0, stream=0, offset=0, noise=True)
+
+
+VARIANTS: dict[str, Callable[[], None]] = {
+    **{f"reduce grad={g} noise": _reduce(g, True) for g in _DTYPES},
+    "reduce grad=fp32 no-noise": _reduce("fp32", False),
+    **{f"update grad={g} compute={c} noise": _update(g, c, True)
+       for g in _DTYPES for c in (None, "fp32", "bf16", "fp16")},
+    "update grad=fp32 compute=None no-noise": _update("fp32", None, False),
+    "update grad=bf16 fp32-split noise": _update("bf16", None, True, split=True),
+    "update grad=bf16 fp32-split no-noise": _update("bf16", None, False, split=True),
+    "velocity draw": _velocity_draw,
+    "reduce offset>2^32 64-bit key": _reduce("fp32", True, offset=2**33 + 4096, key=BIG_KEY),
+    "update offset>2^32 64-bit key": _update("bf16", "bf16", True, offset=2**33 + 4096, key=BIG_KEY),
+    "reduce misaligned": _reduce("fp32", True, offset=4097),
+    "update misaligned": _update("fp32", None, True, offset=4097),
+}
