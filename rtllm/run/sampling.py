@@ -313,7 +313,7 @@ class SamplingRun:
         self.writer = SampleWriter(cfg.out_dir, model_config=self.model.config,
                                    named_tensors=self._named_tensors(), frozen=frozen,
                                    sample_dtype=torch.float32 if cfg.sample_dtype == "fp32" else None,
-                                   run_config=self.manifest_config())
+                                   run_config=self.manifest_config(), sample_format=cfg.sample_format)
         with self.writer:
             if st["dt"] is None:
                 st["dt"] = self.choose_dt()
