@@ -47,6 +47,7 @@ class EnsembleOutput:
 @dataclass
 class GenerateOutput:
     sequences: Tensor  # [batch, prompt + new]
+    logprob: Tensor  # [batch, new]: log BMA probability of each generated token
     entropy_total: Tensor  # [batch, new]: of each generated token's distribution
     aleatoric: Tensor
     epistemic: Tensor
@@ -157,7 +158,7 @@ class EnsembleForCausalLM(torch.nn.Module):
         """Continue `input_ids` [batch, prompt] (no padding) by `max_new_tokens` tokens: the
         argmax of the BMA, or (do_sample) a draw from it after temperature, top-k, top-p.
         Stops early once every row produced `eos_token_id`. return_dict_in_generate: also each
-        new token's total / aleatoric / epistemic uncertainty."""
+        new token's log probability under the BMA and total / aleatoric / epistemic uncertainty."""
         if kwargs.get("attention_mask") is not None and not bool(kwargs["attention_mask"].all()):
             raise ValueError("generate takes unpadded prompts: pass one prompt or prompts of one "
                              "length (attention_mask all ones)")
@@ -167,12 +168,12 @@ class EnsembleForCausalLM(torch.nn.Module):
         input_ids = input_ids.to(self.device)
         seqs, caches, step_in = input_ids, None, input_ids
         done = torch.zeros(len(input_ids), dtype=torch.bool, device=self.device)
-        unc: dict[str, list[Tensor]] = {"entropy_total": [], "aleatoric": [], "epistemic": []}
+        unc: dict[str, list[Tensor]] = {"logprob": [], "entropy_total": [], "aleatoric": [], "epistemic": []}
         for _ in range(max_new_tokens):
             out = self(step_in, past_key_values=caches, use_cache=True, return_uncertainty=True)
             caches = out.past_key_values
             scores = out.logits[:, -1]
-            for key in unc:
+            for key in ("entropy_total", "aleatoric", "epistemic"):
                 unc[key].append(getattr(out, key)[:, -1])
             if do_sample:
                 scores = processors(seqs, scores)
@@ -183,6 +184,7 @@ class EnsembleForCausalLM(torch.nn.Module):
             if eos_token_id is not None:
                 token = torch.where(done, torch.full_like(token, eos_token_id), token)
                 done |= token == eos_token_id
+            unc["logprob"].append(out.logits[:, -1].gather(1, token[:, None])[:, 0])
             seqs = torch.cat([seqs, token[:, None]], dim=1)
             step_in = token[:, None]
             if eos_token_id is not None and bool(done.all()):
