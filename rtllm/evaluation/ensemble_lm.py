@@ -91,7 +91,7 @@ class EnsembleForCausalLM(torch.nn.Module):
         model = ens.load_model(first, local_files_only=True)
         dtype = dtype or _compute_dtype(getattr(model.config, "dtype", None), device)
         model = model.to(device=device, dtype=dtype)
-        start: dict[str, Tensor] | None = None
+        starts: dict[str, dict[str, Tensor]] = {}  # one per chain in a merged ensemble
         samples = []
         for entry in used:
             codec = codec_for(entry)
@@ -99,10 +99,10 @@ class EnsembleForCausalLM(torch.nn.Module):
                 held = _to(ens.state_dict(entry["index"]), device, dtype)
                 samples.append(lambda held=held: held)
             else:
-                if start is None:
-                    start = _to(ens.start(entry), device, None)
+                if entry["start"] not in starts:
+                    starts[entry["start"]] = _to(ens.start(entry), device, None)
                 codes = _to(ens.stored(entry["index"]), device, None)
-                samples.append(_Expander(codec, codes, start, dtype))
+                samples.append(_Expander(codec, codes, starts[entry["start"]], dtype))
         return cls(model, samples, [e["weight"] for e in used],
                    tokenizer=load_ensemble_tokenizer(ens.out_dir))
 

@@ -32,7 +32,7 @@ class Ensemble:
         manifest = Manifest.load(self.out_dir)
         self.config: dict = manifest.config
         self._entries = manifest.entries
-        self._start: dict[str, Tensor] | None = None  # of compressed samples, read once
+        self._starts: dict[str, dict[str, Tensor]] = {}  # of compressed samples, each read once
         self._verify = verify
         for entry in self._entries:
             _check_entry(self.out_dir, entry, verify)
@@ -41,7 +41,7 @@ class Ensemble:
     def _subset(cls, parent: "Ensemble", entries: list[dict]) -> "Ensemble":
         sub = cls.__new__(cls)
         sub.out_dir, sub.config, sub._entries = parent.out_dir, parent.config, entries
-        sub._start, sub._verify = parent._start, parent._verify
+        sub._starts, sub._verify = parent._starts, parent._verify
         return sub
 
     @property
@@ -94,9 +94,9 @@ class Ensemble:
 
     def start(self, entry: dict) -> dict[str, Tensor]:
         """The start checkpoint a compressed sample is an offset from (read once)."""
-        if self._start is None:
-            self._start = read_start(self.out_dir, entry, self._verify)
-        return self._start
+        if entry["start"] not in self._starts:  # a merged ensemble has one start per chain
+            self._starts[entry["start"]] = read_start(self.out_dir, entry, self._verify)
+        return self._starts[entry["start"]]
 
     def load_model(self, index: int, dtype=None, **from_pretrained_kwargs):
         """AutoModelForCausalLM.from_pretrained of sample `index`; dtype None: the stored one."""
