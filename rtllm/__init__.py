@@ -18,6 +18,7 @@ _API = {
     "SampleConfig": "rtllm.run.config", "sample": "rtllm.run.sampling",
     "Ensemble": "rtllm.store.ensemble", "load_sample": "rtllm.store.ensemble",
     "evaluate": "rtllm.evaluation.streaming",
+    "EnsembleForCausalLM": "rtllm.evaluation.ensemble_lm",
 }
 
 __all__ = list(_API)

@@ -11,6 +11,8 @@ import argparse
 import sys
 
 from rtllm.cli.evaluate import add_evaluate_args, cmd_evaluate
+from rtllm.cli.export import add_export_args, cmd_export
+from rtllm.cli.generate import add_generate_args, cmd_generate
 from rtllm.cli.mile import add_mile_args, cmd_mile
 from rtllm.cli.plan import add_plan_args, cmd_plan
 from rtllm.cli.demo import DEMO_STEPS
@@ -66,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("evaluate", "token-level predictive uncertainty of an ensemble")
     add_evaluate_args(p)
     p.set_defaults(func=cmd_evaluate)
+    p = command("generate", "continue a prompt with the ensemble, colored by epistemic uncertainty")
+    add_generate_args(p)
+    p.set_defaults(func=cmd_generate)
+    p = command("export", "expand an ensemble (any sample format) into from_pretrained directories")
+    add_export_args(p)
+    p.set_defaults(func=cmd_export)
     p = command("plan", "memory plan of a sampling run: bytes per component, and whether it fits")
     add_plan_args(p)
     p.set_defaults(func=cmd_plan)

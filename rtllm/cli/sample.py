@@ -65,6 +65,10 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
       "takes the same option)")
     a("--sample-dtype", choices=["compute", "fp32"], default="compute", help="store samples in the compute "
       "dtype (bf16 on GPU) or as fp32 master weights (%(default)s)")
+    a("--sample-format", choices=["safetensors", "delta8", "nf4"], default="safetensors",
+      help="safetensors: each sample a from_pretrained directory; delta8 / nf4: the offset from the "
+      "start quantized blockwise to 8 / 4 bits with bitsandbytes (~0.51x / 0.28x of bf16), the start "
+      "stored once; rtllm evaluate reads them, rtllm export expands them (%(default)s)")
     a("--layout", choices=sorted(LAYOUTS), default=d["layout"].default, help="sampler state layout: fp32, "
       "or fp32-split: the same chain in 10 instead of 12 bytes/parameter, the model computing in "
       "bf16 (docs/precision.md) (%(default)s)")
@@ -97,7 +101,7 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
         micro_batch=args.micro_batch, seq_len=args.seq_len, refresh_rate=args.refresh_rate,
         params=args.params, ray_per=args.ray_per, reject_threshold=args.reject_threshold,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-        sample_dtype=args.sample_dtype, activation_checkpoint_every=args.activation_checkpoint_every,
+        sample_dtype=args.sample_dtype, sample_format=args.sample_format, activation_checkpoint_every=args.activation_checkpoint_every,
         layout=args.layout, seed=args.seed, device=args.device,
         deterministic=args.deterministic, sampler=args.sampler, L=args.L,
         tune_phases=tuple(args.tune_phases) if args.tune_phases else None, init=args.init,

@@ -44,6 +44,9 @@ class SampleConfig:
     # k=2 on CPU), more activation memory (docs/benchmarks.md); 1 = every block.
     activation_checkpoint_every: int = 1
     sample_dtype: str = "compute"
+    # "safetensors" (from_pretrained directories) or "delta8" / "nf4": offsets from the start
+    # quantized blockwise with bitsandbytes (rtllm/store/delta.py), the start stored once.
+    sample_format: str = "safetensors"
     # State layout (rtllm.state.layouts): "fp32", or "fp32-split" (the same chain in 10 instead of 12
     # bytes/parameter; the model then computes in bf16, also on CPU). docs/precision.md.
     layout: str = "fp32"
@@ -107,7 +110,8 @@ class SampleConfig:
         if self.checkpoint_every is not None:
             positive_int("checkpoint_every")
         for name, allowed in (("prior_center", ("zero", "start")), ("ray_per", ("model", "group", "tensor")),
-                              ("sample_dtype", ("compute", "fp32"))):
+                              ("sample_dtype", ("compute", "fp32")),
+                              ("sample_format", ("safetensors", "delta8", "nf4"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")

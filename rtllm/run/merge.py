@@ -244,14 +244,15 @@ def _merged_entries(chain: int, cdir: Path, manifest: Manifest, verify: bool) ->
         if not 0 <= e["index"] < INDEX_STRIDE:
             raise ValueError(f"chain {chain} has sample index {e['index']} >= {INDEX_STRIDE}, which "
                              f"the merged numbering cannot hold; keep fewer samples per chain")
-        sample = cdir / e["path"]
-        for name in ("config.json", WEIGHTS):
+        sample, weights = cdir / e["path"], e.get("file", WEIGHTS)  # compressed: delta.safetensors
+        for name in ("config.json", weights):
             if not (sample / name).is_file():
                 raise ValueError(f"{sample / name} is missing but {cdir / MANIFEST} lists it; "
                                  f"resume chain {chain} to re-create the sample")
-        if verify and sha256_file(sample / WEIGHTS) != e["sha256"]:
-            raise ValueError(f"{sample / WEIGHTS} does not match the sha256 in {cdir / MANIFEST}: "
+        if verify and sha256_file(sample / weights) != e["sha256"]:
+            raise ValueError(f"{sample / weights} does not match the sha256 in {cdir / MANIFEST}: "
                              f"it changed after it was written; restore it or resume chain {chain}")
         entries.append({**e, "index": chain * INDEX_STRIDE + e["index"], "chain_index": e["index"],
-                        "path": f"{chain_name(chain)}/{e['path']}"})
+                        "path": f"{chain_name(chain)}/{e['path']}",
+                        **({"start": f"{chain_name(chain)}/{e['start']}"} if "start" in e else {})})
     return entries

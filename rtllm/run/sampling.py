@@ -343,7 +343,8 @@ class SamplingRun:
                                    named_tensors=self._named_tensors(), frozen=frozen,
                                    sample_dtype=torch.float32 if cfg.sample_dtype == "fp32" else None,
                                    run_config=self.manifest_config(),
-                                   generation_config=getattr(self.model, "generation_config", None))
+                                   generation_config=getattr(self.model, "generation_config", None),
+                                   sample_format=cfg.sample_format)
         try:
             with self.writer, stop_on_signals(cfg.out_dir) as self._stop:
                 self._calibrate_guards()

@@ -12,6 +12,7 @@ from typing import Iterator
 from safetensors.torch import load_file
 from torch import Tensor
 
+from rtllm.store.delta import codec_for, read_start
 from rtllm.store.writer import WEIGHTS, Manifest, sha256_file
 
 
@@ -22,7 +23,8 @@ class Ensemble:
     model.safetensors and, with `verify`, that each file's sha256 matches the manifest; any
     problem is a ValueError naming the file. Iteration yields (entry, state_dict) one sample at
     a time; state dicts hold the stored keys (tied weights such as GPT-2's lm_head.weight are
-    omitted, as in save_pretrained), `load_model` gives a complete model.
+    omitted, as in save_pretrained), `load_model` gives a complete model. Compressed samples
+    (rtllm.store.delta: offsets from OUT/start/) are expanded on read, so readers need not care.
     """
 
     def __init__(self, out_dir: Path | str, verify: bool = True) -> None:
@@ -30,6 +32,8 @@ class Ensemble:
         manifest = Manifest.load(self.out_dir)
         self.config: dict = manifest.config
         self._entries = manifest.entries
+        self._starts: dict[str, dict[str, Tensor]] = {}  # of compressed samples, each read once
+        self._verify = verify
         for entry in self._entries:
             _check_entry(self.out_dir, entry, verify)
 
@@ -37,6 +41,7 @@ class Ensemble:
     def _subset(cls, parent: "Ensemble", entries: list[dict]) -> "Ensemble":
         sub = cls.__new__(cls)
         sub.out_dir, sub.config, sub._entries = parent.out_dir, parent.config, entries
+        sub._starts, sub._verify = parent._starts, parent._verify
         return sub
 
     @property
@@ -58,7 +63,7 @@ class Ensemble:
 
     def __iter__(self) -> Iterator[tuple[dict, dict[str, Tensor]]]:
         for entry in self._entries:  # one sample in memory at a time
-            yield dict(entry), load_file(self.path(entry["index"]) / WEIGHTS)
+            yield dict(entry), self.state_dict(entry["index"])
 
     def unmasked(self) -> "Ensemble":
         """The samples not marked `masked` by the run."""
@@ -76,7 +81,22 @@ class Ensemble:
         return self.out_dir / self.entry(index)["path"]
 
     def state_dict(self, index: int) -> dict[str, Tensor]:
-        return load_file(self.path(index) / WEIGHTS)
+        entry = self.entry(index)
+        codec = codec_for(entry)
+        if codec is None:
+            return load_file(self.path(index) / WEIGHTS)
+        return codec.decode(self.stored(index), self.start(entry))
+
+    def stored(self, index: int) -> dict[str, Tensor]:
+        """The tensors as stored (a compressed sample's codes), without expanding them."""
+        entry = self.entry(index)
+        return load_file(self.path(index) / entry.get("file", WEIGHTS))
+
+    def start(self, entry: dict) -> dict[str, Tensor]:
+        """The start checkpoint a compressed sample is an offset from (read once)."""
+        if entry["start"] not in self._starts:  # a merged ensemble has one start per chain
+            self._starts[entry["start"]] = read_start(self.out_dir, entry, self._verify)
+        return self._starts[entry["start"]]
 
     def load_model(self, index: int, dtype=None, **from_pretrained_kwargs):
         """AutoModelForCausalLM.from_pretrained of sample `index`; dtype None: the stored one."""
@@ -84,7 +104,17 @@ class Ensemble:
 
         if dtype is not None:
             from_pretrained_kwargs["dtype"] = dtype
-        return AutoModelForCausalLM.from_pretrained(self.path(index), **from_pretrained_kwargs)
+        entry = self.entry(index)
+        if codec_for(entry) is None:
+            return AutoModelForCausalLM.from_pretrained(self.path(index), **from_pretrained_kwargs)
+        # The start's directory builds the model; the expanded sample replaces its weights.
+        model = AutoModelForCausalLM.from_pretrained(self.out_dir / entry["start"],
+                                                     **from_pretrained_kwargs)
+        result = model.load_state_dict(self.state_dict(index), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"sample {index} holds tensors the model does not have "
+                             f"({result.unexpected_keys[:5]}); the start directory is not its own")
+        return model
 
 
 def load_sample(out_dir: Path | str, index: int, *, verify: bool = True, **from_pretrained_kwargs):
@@ -101,8 +131,9 @@ def _check_entry(out_dir: Path, entry: dict, verify: bool) -> None:
         raise ValueError(f"manifest entry of sample {entry['index']} points outside {out_dir} "
                          f"({entry['path']!r}); the manifest was edited: restore it")
     # Every file of the sample is hashed in the manifest ("files"); older manifests: the weights.
-    files = entry.get("files") or {WEIGHTS: entry["sha256"]}
-    for name in sorted({"config.json", WEIGHTS} | set(files)):
+    weights = entry.get("file", WEIGHTS)
+    files = entry.get("files") or {weights: entry["sha256"]}
+    for name in sorted({"config.json", weights} | set(files)):
         if not (sample_dir / name).is_file():
             raise ValueError(f"{sample_dir / name} is missing but {out_dir / 'ensemble.json'} "
                              f"lists sample {entry['index']}; restore the file or resume the run "

@@ -40,6 +40,7 @@ from rtllm.store.manifest import (  # noqa: F401 (re-exported: the storage API)
     atomic_write_json, check_free_disk, copy_tokenizer, estimate_run_disk, rtllm_version, sha256_file)
 from rtllm.store.manifest import _CHUNK, _ST_DTYPES, _TMP_PREFIX
 from rtllm.store.sample_dir import GENERATION_CONFIG, link_or_copy, sample_dir_companions
+from rtllm.store.delta import PLAIN, DeltaCodec, ensure_start
 
 
 # -- safetensors layout ---------------------------------------------------------------------------
@@ -145,12 +146,15 @@ class SampleWriter:
     sample_dtype: None stores each tensor's own dtype; a float dtype casts floating tensors (to
     store fp32 master weights of a bf16 model, pass views of the master buffer instead).
     frozen: names whose tensors never change; copied once per host buffer, not per sample.
+    sample_format: "safetensors" (each sample a from_pretrained directory) or a compressed
+    format of rtllm.store.delta ("delta8", "nf4"): offsets from the weights as they are now,
+    which are written once to OUT/start/ (kept on resume).
     At most `max_pending` snapshots are in flight; `submit` blocks when all are.
     """
 
     def __init__(self, out_dir: Path, *, model_config, named_tensors: Mapping[str, Tensor],
                  sample_dtype: torch.dtype | None, run_config: dict, max_pending: int = 2,
-                 frozen: Collection[str] = (), generation_config=None) -> None:
+                 frozen: Collection[str] = (), generation_config=None, sample_format: str = PLAIN) -> None:
         if sys.byteorder != "little":
             raise RuntimeError("safetensors files are little-endian; this host is not")
         if sample_dtype is not None and not sample_dtype.is_floating_point:
@@ -191,6 +195,10 @@ class SampleWriter:
         for stale in self._samples_dir.glob(_TMP_PREFIX + "*"):  # from a run that crashed
             shutil.rmtree(stale, ignore_errors=True)
         self._manifest.save()
+        self._codec = None if sample_format == PLAIN else DeltaCodec(sample_format)
+        if self._codec is not None:
+            start = {s.name: s.source.detach().to("cpu", s.dtype, copy=True) for s in self._slots}
+            self._start, self._start_sha256 = ensure_start(self.out_dir, self._config_json, start)
         self._thread = threading.Thread(target=self._run, name="rtllm-sample-writer", daemon=True)
         self._thread.start()
 
@@ -357,28 +365,45 @@ class SampleWriter:
                 _write_synced(tmp / GENERATION_CONFIG, [self._generation_json])
             for src in sample_dir_companions(self.out_dir):  # the tokenizer: a sample is a whole model
                 link_or_copy(src, tmp / src.name)
-            header = _header(self._slots, self._metadata(job.index, job.chain, job.step))
-            data = memoryview(job.buf.data.numpy())
+            metadata = self._metadata(job.index, job.chain, job.step)
+            header, data, extra = self._encoded(job.buf, metadata)
+            data = memoryview(data.numpy())
             chunks = [header] + [data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)]
-            digest = _write_synced(tmp / WEIGHTS, chunks)
+            digest = _write_synced(tmp / extra.get("file", WEIGHTS), chunks)
             _fsync_dir(tmp)
-            if sha256_file(tmp / WEIGHTS) != digest:
-                raise OSError(errno.EIO, f"{tmp / WEIGHTS} reads back different bytes")
-            files = sample_file_hashes(tmp, known={WEIGHTS: digest})
+            weights = extra.get("file", WEIGHTS)
+            if sha256_file(tmp / weights) != digest:
+                raise OSError(errno.EIO, f"{tmp / weights} reads back different bytes")
+            files = sample_file_hashes(tmp, known={weights: digest})
             old = self._manifest.get(job.chain, job.index)
             if old is not None and (old["sha256"] != digest or old.get("files") != files):
                 # Unlist first: the manifest must never name a file whose hash it does not match.
                 self._manifest.remove(job.chain, job.index)
                 self._manifest.save()
-            _install(tmp, final)
+            _install(tmp, final, extra.get("file", WEIGHTS))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self._manifest.add({
             "index": job.index, "chain": job.chain, "step": job.step,
             "path": f"{SAMPLES}/{name}", "sha256": digest, "dtype": self.dtype_name,
             "loss": job.loss, "heldout_loss": job.heldout_loss, "masked": job.masked,
-            "files": files})
+            "files": files, **extra})
         self._manifest.save()
+
+    def _encoded(self, buf: _Buffer, metadata: dict[str, str]) -> tuple[bytes, Tensor, dict]:
+        """(header, data bytes, extra manifest fields) of the file to write for `buf`."""
+        if self._codec is None:
+            return _header(self._slots, metadata), buf.data, {}
+        named = {s.name: v for s, v in zip(self._slots, buf.views)}
+        stored, errors = self._codec.encode(named, self._start)
+        slots, nbytes = _layout(list(stored.items()), None, ())
+        data = torch.empty(nbytes, dtype=torch.uint8)
+        for s in slots:
+            data[s.begin:s.end].view(s.dtype).view(s.shape).copy_(s.source)
+        fields = {**self._codec.manifest_fields(), "start_sha256": self._start_sha256, **errors}
+        metadata = {**metadata, "rtllm_format": self._codec.format,
+                    "rtllm_block_size": str(self._codec.block_size)}
+        return _header(slots, metadata), data, fields
 
 
 def _write_synced(path: Path, chunks: list) -> str:
@@ -399,7 +424,7 @@ def sample_file_hashes(sample_dir: Path, known: Mapping[str, str] = {}) -> dict[
             for p in sorted(Path(sample_dir).iterdir()) if p.is_file()}
 
 
-def _install(tmp: Path, final: Path) -> None:
+def _install(tmp: Path, final: Path, weights: str = WEIGHTS) -> None:
     """Move a complete sample directory into place. A new index: one directory rename. An
     existing one: rename(2) cannot replace a non-empty directory, so each file is replaced
     atomically (config and tokenizer first, weights last): a reader sees complete files at every
@@ -407,7 +432,7 @@ def _install(tmp: Path, final: Path) -> None:
     if not final.exists():
         os.rename(tmp, final)
     else:
-        for path in sorted(tmp.iterdir(), key=lambda p: (p.name == WEIGHTS, p.name)):
+        for path in sorted(tmp.iterdir(), key=lambda p: (p.name == weights, p.name)):
             os.replace(path, final / path.name)
         _fsync_dir(final)
     _fsync_dir(final.parent)
