@@ -67,6 +67,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
       "(%(default)s)")
     a("--tune-phases", type=int, nargs=3, metavar=("I", "II", "III"), help="MCLMC tuning phases in full "
       "steps (default: 80/10/10%% of the burn-in; MILE uses 40000 5000 5000)")
+    a("--mclmc-target", choices=["unbiased", "mile"], default=d["mclmc_target"].default,
+      help="MCLMC tuner's energy-variance schedule: unbiased (1e-4 -> 2e-6), or MILE's 0.5 -> 0.1, "
+      "biased on Gaussians (%(default)s; rtllm mile: mile)")
     a("--init", help="start from the weights in this directory (same architecture as --model)")
     a("--device", default="auto", help="cpu, cuda, cuda:N or auto (%(default)s)")
     a("--deterministic", action="store_true", help="deterministic CUDA kernels (bit-identical resume on GPU)")
@@ -86,7 +89,8 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
         sample_dtype=args.sample_dtype, activation_checkpoint_every=args.activation_checkpoint_every,
         layout=args.layout, seed=args.seed, device=args.device,
         deterministic=args.deterministic, sampler=args.sampler, L=args.L,
-        tune_phases=tuple(args.tune_phases) if args.tune_phases else None, init=args.init)
+        tune_phases=tuple(args.tune_phases) if args.tune_phases else None, init=args.init,
+        mclmc_target=args.mclmc_target)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

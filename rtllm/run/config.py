@@ -56,6 +56,9 @@ class SampleConfig:
     sampler: str = "ray"
     L: float | str = "auto"
     tune_phases: tuple[int, int, int] | None = None
+    # MCLMC tuner's Var[dE]/D schedule (rtllm.samplers.mclmc_tune): "unbiased", or MILE's "mile"
+    # (biased on the Gaussian/Rosenbrock battery; `rtllm mile` keeps it, as the paper does).
+    mclmc_target: str = "unbiased"
     init: str | None = None  # weights to start from (same architecture as `model`), e.g. a MILE member
     extra: dict = field(default_factory=dict)  # free-form notes carried into the manifest
 
@@ -118,8 +121,8 @@ class SampleConfig:
                 raise ValueError(f"--layout {self.layout} works with --sampler ray; MCLMC needs "
                                  f"--layout fp32")
             self._check_mclmc(positive_float)
-        elif self.tune_phases is not None or self.L != "auto":
-            raise ValueError("--L and --tune-phases are MCLMC settings; pass --sampler mclmc")
+        elif self.tune_phases is not None or self.L != "auto" or self.mclmc_target != "unbiased":
+            raise ValueError("--L, --tune-phases and --mclmc-target are MCLMC settings; pass --sampler mclmc")
 
     def _check_mclmc(self, positive_float) -> None:
         # A full MCLMC step spans two gradients: samples and the end of tuning must fall on the
@@ -130,6 +133,8 @@ class SampleConfig:
                                  f"step takes two gradients), got {getattr(self, name)}")
         if self.L != "auto":
             positive_float("L", self.L)
+        if self.mclmc_target not in ("unbiased", "mile"):
+            raise ValueError(f"--mclmc-target must be unbiased or mile, got {self.mclmc_target!r}")
         phases = self.mclmc_phases
         if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in phases) or phases[0] < 1:
             raise ValueError(f"--tune-phases must be three integers >= 0 (the first >= 1), got {phases!r}")
