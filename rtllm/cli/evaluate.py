@@ -37,7 +37,7 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from rtllm.evaluation.diagnostics import diagnose
+    from rtllm.evaluation.diagnostics import diagnose, stationarity
     from rtllm.evaluation.streaming import EvalResult, evaluate, write_evaluation
     from rtllm.store.writer import atomic_write_json
 
@@ -51,8 +51,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     result = run(masking=not args.include_masked)
+    verdict = _stationarity(args.ensemble, stationarity)
+    if verdict is not None:
+        result.summary["stationarity"] = verdict.to_json()
     paths = write_evaluation(result, out)
     for key, value in result.summary.items():
+        if isinstance(value, dict):
+            continue
         print(f"{key:>22}  {value:.4f}" if isinstance(value, float) else f"{key:>22}  {value}")
     if result.summary["n_samples_masked"]:
         # Masked samples are reported, and the headline numbers shown with them too.
@@ -72,5 +77,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         fmt = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
         print(f"{'probe tau (median)':>22}  {fmt(diag['tau_median_steps'])} steps; converged "
               f"fraction {fmt(diag['fraction_converged'])}; split R-hat max {fmt(diag['rhat_max'])}")
+    if verdict is not None:
+        print(verdict.message)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _stationarity(ensemble: str, stationarity):
+    """The chains' stationarity verdict, or None (said on stderr) when there is no run log."""
+    try:
+        return stationarity(ensemble)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"rtllm evaluate: no stationarity verdict ({err})", file=sys.stderr)
+        return None
