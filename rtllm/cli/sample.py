@@ -25,8 +25,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--heldout", nargs="+", default=[], help="held-out text (default: the last 5%% of the training text, "
       "excluded from training)")
     a("--steps", type=int, default=d["steps"].default, help="total sampler steps, burn-in included (%(default)s)")
-    a("--burn-in", type=int, default=d["burn_in"].default, help="steps before the first sample, dt trials "
-      "included (%(default)s)")
+    a("--burn-in", type=_burn_in, default=d["burn_in"].default, help="steps before the first sample, dt "
+      "trials included, or 'auto': until the held-out loss stops trending, at most half of --steps "
+      "(%(default)s)")
     a("--thin", type=int, default=d["thin"].default, help="take a sample every THIN steps after burn-in (%(default)s)")
     a("--dt", type=_dt, default="auto", help="time step, or 'auto' to choose it by the paper's recipe (%(default)s)")
     a("--loss-tolerance", type=float, help=f"nats per token the posterior may sit above the optimum; sets "
@@ -75,6 +76,15 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--deterministic", action="store_true", help="deterministic CUDA kernels (bit-identical resume on GPU)")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     a("--overwrite", action="store_true", help="replace an earlier rtllm run in --out")
+
+
+def _burn_in(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--burn-in must be a number of steps or 'auto', got {text!r}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> SampleConfig:

@@ -21,7 +21,9 @@ class SampleConfig:
     out: str
     heldout: tuple[str, ...] = ()
     steps: int = 1000
-    burn_in: int = 200
+    # "auto": until the held-out loss has no significant trend, at most half the steps
+    # (rtllm/run/burn_in.py); ray tracing only.
+    burn_in: int | str = 200
     thin: int = 20
     dt: float | str = "auto"
     loss_tolerance: float | None = None
@@ -78,9 +80,13 @@ class SampleConfig:
             raise ValueError("--train needs at least one text file or directory")
         for name in ("steps", "thin", "batch_size", "log_every", "dt_trial_steps", "activation_checkpoint_every"):
             positive_int(name)
-        for name in ("burn_in", "chain", "seed"):
+        for name in ("chain", "seed") + (() if self.burn_in == "auto" else ("burn_in",)):
             positive_int(name, allow_zero=True)
-        if self.burn_in >= self.steps:
+        if self.burn_in == "auto":
+            if self.sampler != "ray":
+                raise ValueError("--burn-in auto works with --sampler ray; MCLMC tunes in a fixed "
+                                 "burn-in: give it a number of steps")
+        elif self.burn_in >= self.steps:
             raise ValueError(f"--burn-in ({self.burn_in}) must be smaller than --steps ({self.steps}), "
                              f"which counts the burn-in too")
         if self.dt != "auto":

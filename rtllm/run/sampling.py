@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 
 from rtllm.run import dt_auto
+from rtllm.run.burn_in import advance_auto_burn_in
+from rtllm.run.verdict import report_verdict
 from rtllm.run.checkpoint import checkpoint_path, load_checkpoint, map_tensors, save_checkpoint
 from rtllm.run.config import SampleConfig, chain_seed
 from rtllm.lm.data import MinibatchOrder, TokenData, context_length, read_texts
@@ -77,13 +79,14 @@ class SamplingRun:
         if not math.isfinite(start_loss):
             raise ValueError(f"the loss is {start_loss} at the starting weights: check the model and "
                              f"the text (nothing was written)")
-        self.n_samples = len(range(cfg.burn_in + cfg.thin - 1, cfg.steps, cfg.thin))
+        auto_burn_in = cfg.burn_in == "auto"  # decided in the loop; until then, the most samples
+        self.n_samples = len(range((0 if auto_burn_in else cfg.burn_in) + cfg.thin - 1, cfg.steps, cfg.thin))
         # Undo needs a copy of x and v; decided once and kept in checkpoints, so a resumed run
         # takes the same path whatever memory is free then. MCLMC flags instead: undoing one of
         # its half steps would break the McLachlan step it belongs to.
         undo = cfg.reject_threshold is not None and cfg.sampler == "ray" and self._backup_fits()
         self.state = dict(step=0, cursor=0, dt=None, L=None, dt_trials=[], prev_loss=None, flagged=[],
-                          undo=undo)
+                          undo=undo, burn_in=None if auto_burn_in else cfg.burn_in, burn_in_heldout=[])
         self._check_disk()  # before --overwrite removes anything
         prepare_out_dir(cfg, resume, overwrite)
         self.ckpt_path = checkpoint_path(cfg.out_dir, cfg.chain)
@@ -321,6 +324,8 @@ class SamplingRun:
             self._set_dt(st["dt"])
             self._loop()
             self._save_checkpoint()
+        self.n_samples = len(range(self.state["burn_in"] + cfg.thin - 1, cfg.steps, cfg.thin))
+        report_verdict(self.log, self.say)
         self.say(f"done: {self.n_samples} samples in {cfg.out_dir / 'samples'}, manifest "
                  f"{cfg.out_dir / 'ensemble.json'}, log {self.log.path}")
         return cfg.out_dir
@@ -336,6 +341,7 @@ class SamplingRun:
         # even grid (MCLMC._diverge): the run then takes one gradient more for it.
         while st["step"] < cfg.steps or st.get("sample_due") is not None:
             t = st["step"]
+            burn_in = st["burn_in"] if st["burn_in"] is not None else cfg.steps  # auto: not decided yet
             t0 = time.perf_counter()
             loss, tokens = self._loss_and_grad_on_device(self._next_batch())
             stepped = self._backup is None
@@ -347,7 +353,7 @@ class SamplingRun:
                 self._sampler_step(loss)
             loss = float(loss)
             record = {"type": "step", "step": t, "loss": loss, "dt": st["dt"],
-                      "phase": "burn-in" if t < cfg.burn_in else "sampling"}
+                      "phase": "burn-in" if t < burn_in else "sampling"}
             jump = st["prev_loss"] is not None and (not math.isfinite(loss) or
                                                     loss - st["prev_loss"] > (cfg.reject_threshold or math.inf))
             undo = jump and self._backup is not None
@@ -367,7 +373,7 @@ class SamplingRun:
                 st["prev_loss"] = loss
                 record.update(self.sampler.last_info, ln_luminosity=self.sampler.ln_luminosity)
             st["step"] = t + 1
-            is_sample = t < cfg.steps and t >= cfg.burn_in and (t - cfg.burn_in + 1) % cfg.thin == 0
+            is_sample = t < cfg.steps and t >= burn_in and (t - burn_in + 1) % cfg.thin == 0
             sample_t = None
             off_grid = cfg.sampler == "mclmc" and self.sampler.phase != "start"
             if is_sample and off_grid:
@@ -379,10 +385,12 @@ class SamplingRun:
             need_heldout = sample_t is not None or t % cfg.log_every == 0 or t + 1 == cfg.steps
             if need_heldout:
                 record["heldout_loss"] = self.heldout_loss()
+            if st["burn_in"] is None:
+                advance_auto_burn_in(st, t, record.get("heldout_loss"), cfg.steps, self.say)
             if t % cfg.log_every == 0 or t + 1 == cfg.steps:
                 self._log_probe(t)
             if sample_t is not None:
-                index = (sample_t - cfg.burn_in + 1) // cfg.thin - 1
+                index = (sample_t - burn_in + 1) // cfg.thin - 1
                 masked = any(sample_t - cfg.thin < f <= t for f in st["flagged"])
                 self.writer.submit(index=index, chain=cfg.chain, step=t + 1, loss=loss,
                                    heldout_loss=record["heldout_loss"], masked=masked)
