@@ -33,6 +33,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--loss-tolerance", type=float, help=f"nats per token the posterior may sit above the optimum; sets "
       f"S = D/(2*tol) (default {DEFAULT_LOSS_TOLERANCE})")
     a("--scale-likelihood", type=float, help="S in ln p = -S * mean token loss (instead of --loss-tolerance)")
+    a("--scale", choices=["tolerance", "tokens", "tempered"], default=d["scale"].default,
+      help="S when not given: D/(2*tol) (the paper's), the number of training tokens, or their "
+      "geometric mean (%(default)s; docs/uncertainty.md)")
     a("--prior-scale", type=float, help="std of an isotropic Gaussian prior on the weights (default: none)")
     a("--prior-center", choices=["zero", "start"], default="zero", help="prior mean: zero, or the starting "
       "weights (+2 bytes/parameter) (%(default)s)")
@@ -91,7 +94,7 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
     return SampleConfig(
         model=args.model, train=tuple(args.train), out=args.out, heldout=tuple(args.heldout),
         steps=args.steps, burn_in=args.burn_in, thin=args.thin, dt=args.dt,
-        loss_tolerance=args.loss_tolerance, scale_likelihood=args.scale_likelihood,
+        loss_tolerance=args.loss_tolerance, scale_likelihood=args.scale_likelihood, scale=args.scale,
         prior_scale=args.prior_scale, prior_center=args.prior_center, batch_size=args.batch_size,
         micro_batch=args.micro_batch, seq_len=args.seq_len, refresh_rate=args.refresh_rate,
         params=args.params, ray_per=args.ray_per, reject_threshold=args.reject_threshold,

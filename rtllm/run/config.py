@@ -28,6 +28,7 @@ class SampleConfig:
     dt: float | str = "auto"
     loss_tolerance: float | None = None
     scale_likelihood: float | None = None
+    scale: str = "tolerance"  # how S is set when not given: rtllm/run/likelihood_scale.py
     prior_scale: float | None = None
     prior_center: str = "zero"
     batch_size: int = 8
@@ -93,6 +94,12 @@ class SampleConfig:
             positive_float("dt", self.dt)
         if self.loss_tolerance is not None and self.scale_likelihood is not None:
             raise ValueError("give --loss-tolerance or --scale-likelihood, not both")
+        if self.scale not in ("tolerance", "tokens", "tempered"):
+            raise ValueError(f"--scale must be tolerance, tokens or tempered, got {self.scale!r}")
+        if self.scale != "tolerance" and self.scale_likelihood is not None:
+            raise ValueError("--scale-likelihood sets S itself: drop --scale")
+        if self.scale == "tokens" and self.loss_tolerance is not None:
+            raise ValueError("--scale tokens sets S = the number of training tokens: drop --loss-tolerance")
         for name in ("loss_tolerance", "scale_likelihood", "prior_scale", "reject_threshold"):
             if getattr(self, name) is not None:
                 positive_float(name, getattr(self, name))

@@ -1,7 +1,7 @@
 """The sampling run: a Hugging Face checkpoint and text in, an ensemble of weight samples out.
 
 Target: ln p(x) = -S * (mean token cross-entropy of a minibatch) + ln prior(x), with
-S = D / (2 * loss_tolerance) unless --scale-likelihood is given (docs/sampling.md). One
+S from --scale (rtllm/run/likelihood_scale.py) unless --scale-likelihood is given. One
 `SamplingRun` owns the model, the data, the sampler and the sample writer; `run()` tunes dt
 (`--dt auto`), steps the chain, logs, takes samples, checkpoints, and resumes.
 """
@@ -22,6 +22,7 @@ from rtllm.run.burn_in import advance_auto_burn_in
 from rtllm.run.verdict import report_verdict
 from rtllm.run.checkpoint import checkpoint_path, load_checkpoint, map_tensors, save_checkpoint
 from rtllm.run.config import SampleConfig, chain_seed
+from rtllm.run.likelihood_scale import run_likelihood_scale
 from rtllm.lm.data import MinibatchOrder, TokenData, context_length, read_texts
 from rtllm.lm.loss import lm_loss
 from rtllm.lm.model_io import load_model_and_tokenizer, prepare_for_sampling, resolve_device, select_parameters
@@ -72,7 +73,7 @@ class SamplingRun:
         self.order = MinibatchOrder(len(self.data.train), cfg.batch_size, chain_seed(cfg.seed, cfg.chain))
         sampled, _ = select_parameters(self.model, cfg.params)  # the rest no longer require grad
         self.num_params = sum(p.numel() for _, p in sampled)
-        self.scale = cfg.scale_likelihood or self.num_params / (2 * cfg.tolerance)
+        self.scale = run_likelihood_scale(cfg, self.num_params, train_tokens=self.data.train[:, 1:].numel())
         self.tolerance = self.num_params / (2 * self.scale)
         self.sampler = build_sampler(cfg, sampled, self.scale, chain_seed(cfg.seed, cfg.chain))
         start_loss = self._mean_loss([0])
