@@ -60,6 +60,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   recompute=args.recompute)
     done = run_job(job, say=lambda m: print(f"rtllm evaluate: {m}", file=sys.stderr))
     for key, value in done.summary.items():
+        if isinstance(value, dict):  # the stationarity verdict: its message below
+            continue
         print(f"{key:>22}  {value:.4f}" if isinstance(value, float) else f"{key:>22}  {value}")
     if done.summary_unmasked is not None:
         for key in ("nll_bma", "mean_epistemic", "ece_top1"):
@@ -72,6 +74,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         fmt = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
         print(f"{'probe tau (median)':>22}  {fmt(diag['tau_median_steps'])} steps; converged "
               f"fraction {fmt(diag['fraction_converged'])}; split R-hat max {fmt(diag['rhat_max'])}")
+    if done.summary.get("stationarity"):
+        print(done.summary["stationarity"]["message"])
     print(f"{'reused' if done.reused else 'wrote'} in {Path(args.out).resolve()}: "
           + ", ".join(sorted(p.name for p in done.paths.values())))
     return 0
+

@@ -17,7 +17,7 @@ def add_mile_args(p) -> None:
       "before a member stops (%(default)s)")
     a("--member-batch-size", type=int, default=d["batch_size"].default, help="sequences per AdamW step (%(default)s)")
     a("--from-scratch", action="store_true", help="train members from a fresh random init (small networks)")
-    p.set_defaults(sampler="mclmc")
+    p.set_defaults(sampler="mclmc", mclmc_target="mile")  # the paper's schedule (docs/sampling.md)
 
 
 def cmd_mile(args) -> int:

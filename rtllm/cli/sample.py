@@ -34,13 +34,17 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--heldout", nargs="+", default=[], help="held-out text (default: the last 5%% of the training text, "
       "excluded from training)")
     a("--steps", type=int, default=d["steps"].default, help="total sampler steps, burn-in included (%(default)s)")
-    a("--burn-in", type=int, default=d["burn_in"].default, help="steps before the first sample, dt trials "
-      "included (%(default)s)")
+    a("--burn-in", type=_burn_in, default=d["burn_in"].default, help="steps before the first sample, dt "
+      "trials included, or 'auto': until the held-out loss stops trending, at most half of --steps "
+      "(%(default)s)")
     a("--thin", type=int, default=d["thin"].default, help="take a sample every THIN steps after burn-in (%(default)s)")
     a("--dt", type=_dt, default="auto", help="time step, or 'auto' to choose it by the paper's recipe (%(default)s)")
     a("--loss-tolerance", type=float, help=f"nats per token the posterior may sit above the optimum; sets "
       f"S = D/(2*tol) (default: {DEFAULT_LOSS_TOLERANCE})")
     a("--scale-likelihood", type=float, help="S in ln p = -S * mean token loss (instead of --loss-tolerance)")
+    a("--scale", choices=["tolerance", "tokens", "tempered"], default=d["scale"].default,
+      help="S when not given: D/(2*tol) (the paper's), the number of training tokens, or their "
+      "geometric mean (%(default)s; docs/uncertainty.md)")
     a("--prior-scale", type=float, help="std of an isotropic Gaussian prior on the weights (default: none)")
     a("--prior-center", choices=["zero", "start"], default="zero", help="prior mean: zero, or the starting "
       "weights (+2 bytes/parameter) (%(default)s)")
@@ -83,6 +87,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
       "(%(default)s)")
     a("--tune-phases", type=int, nargs=3, metavar=("I", "II", "III"), help="MCLMC tuning phases in full "
       "steps (default: 80/10/10%% of the burn-in; MILE uses 40000 5000 5000)")
+    a("--mclmc-target", choices=["unbiased", "mile"], default=d["mclmc_target"].default,
+      help="MCLMC tuner's energy-variance schedule: unbiased (1e-4 -> 2e-6), or MILE's 0.5 -> 0.1, "
+      "biased on Gaussians (%(default)s; rtllm mile: mile)")
     a("--init", help="start from the weights in this directory (same architecture as --model)")
     a("--device", default="auto", help="cpu, cuda, cuda:N or auto (%(default)s)")
     a("--encoding", help="encoding of the text files, e.g. latin-1 (default: UTF-8; text that does not "
@@ -92,11 +99,20 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--overwrite", action="store_true", help="replace an earlier rtllm run in --out")
 
 
+def _burn_in(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--burn-in must be a number of steps or 'auto', got {text!r}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> SampleConfig:
     return SampleConfig(
         model=args.model, train=tuple(args.train), out=args.out, heldout=tuple(args.heldout),
         steps=args.steps, burn_in=args.burn_in, thin=args.thin, dt=args.dt,
-        loss_tolerance=args.loss_tolerance, scale_likelihood=args.scale_likelihood,
+        loss_tolerance=args.loss_tolerance, scale_likelihood=args.scale_likelihood, scale=args.scale,
         prior_scale=args.prior_scale, prior_center=args.prior_center, batch_size=args.batch_size,
         micro_batch=args.micro_batch, seq_len=args.seq_len, refresh_rate=args.refresh_rate,
         params=args.params, ray_per=args.ray_per, reject_threshold=args.reject_threshold,
@@ -105,7 +121,7 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
         layout=args.layout, seed=args.seed, device=args.device,
         deterministic=args.deterministic, sampler=args.sampler, L=args.L,
         tune_phases=tuple(args.tune_phases) if args.tune_phases else None, init=args.init,
-        encoding=args.encoding)
+        encoding=args.encoding, mclmc_target=args.mclmc_target)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -20,6 +20,11 @@ from typing import Sequence, Union
 import numpy as np
 
 from rtllm.samplers.autocorr import integrated_autocorr_time
+from rtllm.samplers.stationarity import StationarityVerdict, stationarity_verdict
+from rtllm.samplers.stationarity import split_rhat  # noqa: F401 (re-exported: it lived here)
+from rtllm.store.log_series import burn_in_step as burn_in_from_log
+from rtllm.store.log_series import probe_trace  # noqa: F401 (re-exported: it lived here)
+from rtllm.store.log_series import stationarity_inputs
 from rtllm.store.runlog import read_log
 
 LOG_GLOB = "log-chain-*.jsonl"
@@ -34,65 +39,7 @@ Records = list[dict]
 Source = Union[str, Path, Records, Sequence[Union[str, Path, Records]]]
 
 
-# -- split R-hat ----------------------------------------------------------------------------------
-def split_rhat(chains: list[np.ndarray]) -> np.ndarray:
-    """Split-chain Gelman-Rubin R-hat per statistic (BDA3 section 11.4).
-
-    chains: arrays [n_i, ...stats], one per chain. They are cut to the shortest length N,
-    each is split into a first and a last half of N // 2 draws (the middle draw of an odd N
-    is dropped), and the classic potential scale reduction is computed over the 2 * chains
-    halves. Splitting makes a drift inside one chain show up as disagreement between its
-    halves. Returns shape [...stats]; NaN where every half is constant.
-    """
-    if len(chains) == 0:
-        raise ValueError("split_rhat needs at least one chain")
-    arrays = [np.asarray(c, dtype=np.float64) for c in chains]
-    shapes = {a.shape[1:] for a in arrays}
-    if len(shapes) != 1:
-        raise ValueError(f"chains disagree on the statistic shape: {sorted(shapes)}")
-    total = min(len(a) for a in arrays)
-    n = total // 2
-    if n < 2:
-        raise ValueError(f"split R-hat needs >= 2 half-chains of >= 2 draws; the shortest "
-                         f"chain has {total} draws")
-    halves = np.stack([h for a in arrays for h in (a[:n], a[total - n:total])])  # [m, n, ...]
-    means = halves.mean(axis=1)
-    within = halves.var(axis=1, ddof=1).mean(axis=0)           # W
-    between = n * means.var(axis=0, ddof=1)                    # B
-    var_plus = (n - 1) / n * within + between / n
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rhat = np.sqrt(var_plus / within)
-    return np.where(within > 0, rhat, np.nan)
-
-
 # -- reading probes from the log -----------------------------------------------------------------
-def probe_trace(log_records: Records) -> tuple[np.ndarray, np.ndarray]:
-    """The probe records of one chain's log: steps [n] (sorted, unique) and values [n, P*5].
-
-    A resumed run appends to its log and re-logs the steps after its checkpoint; the last
-    record of a step wins (it is the one that the saved samples continue from).
-    """
-    by_step: dict[int, list] = {}
-    for rec in log_records:
-        if rec.get("type") == "probe":
-            by_step[int(rec["step"])] = rec["probs"]
-    if not by_step:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, 0))
-    steps = np.array(sorted(by_step), dtype=np.int64)
-    rows = [np.asarray(by_step[s], dtype=np.float64).reshape(-1) for s in steps]  # "nan" -> nan
-    widths = {len(r) for r in rows}
-    if len(widths) != 1:
-        raise ValueError(f"probe records disagree on their number of probabilities: {sorted(widths)}")
-    return steps, np.stack(rows)
-
-
-def burn_in_from_log(log_records: Records) -> int:
-    """The first step logged in the "sampling" phase (0 when the log records no phases)."""
-    sampling = [int(r["step"]) for r in log_records
-                if r.get("type") == "step" and r.get("phase") == "sampling"]
-    return min(sampling) if sampling else 0
-
-
 def _regular(steps: np.ndarray, values: np.ndarray, burn_in_step: int):
     """Post-burn-in probes on the logging grid, and the grid's interval in steps.
 
@@ -263,3 +210,10 @@ def diagnose(ensemble_dir: Path | str, burn_in_step: int | None = None, c: float
         "n_rejected_steps": sum(1 for r in steps if "rejected" in r),
         "heldout_loss_last": last_heldout,
     }
+
+
+def stationarity(ensemble_dir: Path | str) -> StationarityVerdict:
+    """The stationarity verdict (rtllm.samplers.stationarity) of an output directory's chains,
+    from their logs: the same verdict `rtllm sample` prints at its end."""
+    records = [read_log(p) for p in find_logs(ensemble_dir)]
+    return stationarity_verdict(**stationarity_inputs(records))

@@ -84,7 +84,7 @@ def _texts(paths: Sequence[str]) -> dict[str, str]:
 
 
 def _evaluate_into(job: EvalJob, staging: Path, inputs: dict, say: Callable[[str], None]) -> EvalOutcome:
-    from rtllm.evaluation.diagnostics import diagnose
+    from rtllm.evaluation.diagnostics import diagnose, stationarity
     from rtllm.evaluation.streaming import evaluate, write_evaluation
     from rtllm.store.manifest import atomic_write_json
 
@@ -96,6 +96,10 @@ def _evaluate_into(job: EvalJob, staging: Path, inputs: dict, say: Callable[[str
                         device=job.device, encoding=job.encoding, progress=say)
 
     result = run(masking=not job.include_masked)
+    try:  # the chains' stationarity verdict, the same one `rtllm sample` prints at its end
+        result.summary["stationarity"] = stationarity(job.ensemble).to_json()
+    except (ValueError, FileNotFoundError) as err:  # no sampling log next to the samples
+        say(f"no stationarity verdict ({err})")
     say("writing tokens.jsonl, summary.json and the reports")
     write_evaluation(result, staging, context=inputs)
     outcome = EvalOutcome(summary=result.summary, paths={}, reused=False, inputs=inputs)

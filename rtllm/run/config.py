@@ -22,11 +22,14 @@ class SampleConfig:
     out: str
     heldout: tuple[str, ...] = ()
     steps: int = 1000
-    burn_in: int = 200
+    # "auto": until the held-out loss has no significant trend, at most half the steps
+    # (rtllm/run/burn_in.py); ray tracing only.
+    burn_in: int | str = 200
     thin: int = 20
     dt: float | str = "auto"
     loss_tolerance: float | None = None
     scale_likelihood: float | None = None
+    scale: str = "tolerance"  # how S is set when not given: rtllm/run/likelihood_scale.py
     prior_scale: float | None = None
     prior_center: str = "zero"
     batch_size: int = 8
@@ -62,6 +65,9 @@ class SampleConfig:
     sampler: str = "ray"
     L: float | str = "auto"
     tune_phases: tuple[int, int, int] | None = None
+    # MCLMC tuner's Var[dE]/D schedule (rtllm.samplers.mclmc_tune): "unbiased", or MILE's "mile"
+    # (biased on the Gaussian/Rosenbrock battery; `rtllm mile` keeps it, as the paper does).
+    mclmc_target: str = "unbiased"
     init: str | None = None  # weights to start from (same architecture as `model`), e.g. a MILE member
     encoding: str | None = None  # of the text files; None: UTF-8, strictly (rtllm.lm.data)
     extra: dict = field(default_factory=dict)  # free-form notes carried into the manifest
@@ -85,15 +91,25 @@ class SampleConfig:
             raise ValueError("--train needs at least one text file or directory")
         for name in ("steps", "thin", "batch_size", "log_every", "dt_trial_steps", "activation_checkpoint_every"):
             positive_int(name)
-        for name in ("burn_in", "chain", "seed"):
+        for name in ("chain", "seed") + (() if self.burn_in == "auto" else ("burn_in",)):
             positive_int(name, allow_zero=True)
-        if self.burn_in >= self.steps:
+        if self.burn_in == "auto":
+            if self.sampler != "ray":
+                raise ValueError("--burn-in auto works with --sampler ray; MCLMC tunes in a fixed "
+                                 "burn-in: give it a number of steps")
+        elif self.burn_in >= self.steps:
             raise ValueError(f"--burn-in ({self.burn_in}) must be smaller than --steps ({self.steps}), "
                              f"which counts the burn-in too")
         if self.dt != "auto":
             positive_float("dt", self.dt)
         if self.loss_tolerance is not None and self.scale_likelihood is not None:
             raise ValueError("give --loss-tolerance or --scale-likelihood, not both")
+        if self.scale not in ("tolerance", "tokens", "tempered"):
+            raise ValueError(f"--scale must be tolerance, tokens or tempered, got {self.scale!r}")
+        if self.scale != "tolerance" and self.scale_likelihood is not None:
+            raise ValueError("--scale-likelihood sets S itself: drop --scale")
+        if self.scale == "tokens" and self.loss_tolerance is not None:
+            raise ValueError("--scale tokens sets S = the number of training tokens: drop --loss-tolerance")
         for name in ("loss_tolerance", "scale_likelihood", "prior_scale", "reject_threshold"):
             value = getattr(self, name)
             if value is not None and not (name == "reject_threshold" and value == "auto"):
@@ -130,8 +146,8 @@ class SampleConfig:
                 raise ValueError(f"--layout {self.layout} works with --sampler ray; MCLMC needs "
                                  f"--layout fp32")
             self._check_mclmc(positive_float)
-        elif self.tune_phases is not None or self.L != "auto":
-            raise ValueError("--L and --tune-phases are MCLMC settings; pass --sampler mclmc")
+        elif self.tune_phases is not None or self.L != "auto" or self.mclmc_target != "unbiased":
+            raise ValueError("--L, --tune-phases and --mclmc-target are MCLMC settings; pass --sampler mclmc")
 
     def _check_mclmc(self, positive_float) -> None:
         # A full MCLMC step spans two gradients: samples and the end of tuning must fall on the
@@ -142,6 +158,8 @@ class SampleConfig:
                                  f"step takes two gradients), got {getattr(self, name)}")
         if self.L != "auto":
             positive_float("L", self.L)
+        if self.mclmc_target not in ("unbiased", "mile"):
+            raise ValueError(f"--mclmc-target must be unbiased or mile, got {self.mclmc_target!r}")
         phases = self.mclmc_phases
         if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in phases) or phases[0] < 1:
             raise ValueError(f"--tune-phases must be three integers >= 0 (the first >= 1), got {phases!r}")

@@ -55,7 +55,8 @@ def tune_in_burn_in(cfg: SampleConfig, sampler: MCLMC, next_loss: Callable[[], t
     say(f"tuning MCLMC (MILE phases {p1}/{p2}/{p3} full steps, {2 * (p1 + p2 + p3)} gradients of "
         f"the burn-in) from step size {sampler.step_size:.3g}, L {sampler.L:.3g}")
     eps, L, info = tune_mclmc(sampler, next_loss, phase1=p1, phase2=p2, phase3=p3, seed=cfg.seed,
-                              initial_L=None if cfg.L == "auto" else float(cfg.L))
+                              initial_L=None if cfg.L == "auto" else float(cfg.L),
+                              target_var=cfg.mclmc_target)
     if cfg.dt != "auto":
         eps = float(cfg.dt)
     if cfg.L != "auto":

@@ -1,7 +1,7 @@
 """The sampling run: a Hugging Face checkpoint and text in, an ensemble of weight samples out.
 
 Target: ln p(x) = -S * (mean token cross-entropy of a minibatch) + ln prior(x), with
-S = D / (2 * loss_tolerance) unless --scale-likelihood is given (docs/sampling.md). One
+S from --scale (rtllm/run/likelihood_scale.py) unless --scale-likelihood is given. One
 `SamplingRun` owns the model, the data, the sampler and the sample writer; `run()` tunes dt
 (`--dt auto`), steps the chain, logs, takes samples, checkpoints, and resumes.
 """
@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 
 from rtllm.run import dt_auto
+from rtllm.run.burn_in import advance_auto_burn_in
+from rtllm.run.verdict import report_verdict
 from rtllm.run.checkpoint import checkpoint_path, load_checkpoint, map_tensors, save_checkpoint
 from rtllm.run.config import SampleConfig, chain_seed
 from rtllm.run.host_scalar import HostScalar as _HostScalar
@@ -24,6 +26,7 @@ from rtllm.run.movement_watch import MovementWatch, calibrate_guards, sample_los
 from rtllm.run.recovery import check_listed_samples, claim_out_dir, prepare_resume, settings_differ
 from rtllm.run.signals import stop_on_signals
 from rtllm.samplers import movement
+from rtllm.run.likelihood_scale import run_likelihood_scale
 from rtllm.lm.data import MinibatchOrder, TokenData, context_length, read_texts
 from rtllm.lm.loss import lm_loss
 from rtllm.lm.model_io import load_model_and_tokenizer, prepare_for_sampling, resolve_device, select_parameters
@@ -69,20 +72,21 @@ class SamplingRun:
         self.order = MinibatchOrder(len(self.data.train), cfg.batch_size, chain_seed(cfg.seed, cfg.chain))
         sampled, _ = select_parameters(self.model, cfg.params)  # the rest no longer require grad
         self.num_params = sum(p.numel() for _, p in sampled)
-        self.scale = cfg.scale_likelihood or self.num_params / (2 * cfg.tolerance)
+        self.scale = run_likelihood_scale(cfg, self.num_params, train_tokens=self.data.train[:, 1:].numel())
         self.tolerance = self.num_params / (2 * self.scale)
         self.sampler = build_sampler(cfg, sampled, self.scale, chain_seed(cfg.seed, cfg.chain))
         start_loss = self._mean_loss([0])
         if not math.isfinite(start_loss):
             raise ValueError(f"the loss is {start_loss} at the starting weights: check the model and "
                              f"the text (nothing was written)")
-        self.n_samples = len(range(cfg.burn_in + cfg.thin - 1, cfg.steps, cfg.thin))
+        auto_burn_in = cfg.burn_in == "auto"  # decided in the loop; until then, the most samples
+        self.n_samples = len(range((0 if auto_burn_in else cfg.burn_in) + cfg.thin - 1, cfg.steps, cfg.thin))
         # Undo needs a copy of x and v; decided once and kept in checkpoints, so a resumed run
         # takes the same path whatever memory is free then. MCLMC flags instead: undoing one of
         # its half steps would break the McLachlan step it belongs to.
         undo = cfg.reject_threshold is not None and cfg.sampler == "ray" and self._backup_fits()
         self.state = dict(step=0, cursor=0, dt=None, L=None, dt_trials=[], prev_loss=None, flagged=[],
-                          undo=undo)
+                          undo=undo, burn_in=None if auto_burn_in else cfg.burn_in, burn_in_heldout=[])
         self._check_disk()  # before --overwrite removes anything
         self._lock = prepare_out_dir(cfg, resume, overwrite)  # held until run() ends
         try:
@@ -356,6 +360,8 @@ class SamplingRun:
                 self._loop()
                 self._save_checkpoint()
                 self.watch.check()
+            self.n_samples = len(range(self.state["burn_in"] + cfg.thin - 1, cfg.steps, cfg.thin))
+            report_verdict(self.log, self.say)
         finally:
             self.log.close()
             self._lock.release()
@@ -371,6 +377,7 @@ class SamplingRun:
         # even grid (MCLMC._diverge): the run then takes one gradient more for it.
         while st["step"] < cfg.steps or st.get("sample_due") is not None:
             t = st["step"]
+            burn_in = st["burn_in"] if st["burn_in"] is not None else cfg.steps  # auto: not decided yet
             t0 = time.perf_counter()
             loss, tokens = self._loss_and_grad_on_device(self._next_batch())
             stepped = self._backup is None
@@ -382,7 +389,7 @@ class SamplingRun:
                 self._sampler_step(loss)
             loss = float(loss)
             record = {"type": "step", "step": t, "loss": loss, "dt": st["dt"],
-                      "phase": "burn-in" if t < cfg.burn_in else "sampling"}
+                      "phase": "burn-in" if t < burn_in else "sampling"}
             jump = movement.is_jump(st["prev_loss"], loss, st["reject_threshold"])
             undo = jump and self._backup is not None
             if jump:
@@ -404,7 +411,7 @@ class SamplingRun:
             if self.watch.after_step(t, jump):  # --dt auto shrank dt: too many undos
                 self._set_dt(st["dt"])
                 self.writer.update_config(self.manifest_config())
-            is_sample = t < cfg.steps and t >= cfg.burn_in and (t - cfg.burn_in + 1) % cfg.thin == 0
+            is_sample = t < cfg.steps and t >= burn_in and (t - burn_in + 1) % cfg.thin == 0
             sample_t = None
             off_grid = cfg.sampler == "mclmc" and self.sampler.phase != "start"
             if is_sample and off_grid:
@@ -416,10 +423,12 @@ class SamplingRun:
             need_heldout = sample_t is not None or t % cfg.log_every == 0 or t + 1 == cfg.steps
             if need_heldout:
                 record["heldout_loss"] = self.heldout_loss()
+            if st["burn_in"] is None:
+                advance_auto_burn_in(st, t, record.get("heldout_loss"), cfg.steps, self.say)
             if t % cfg.log_every == 0 or t + 1 == cfg.steps:
                 self._log_probe(t)
             if sample_t is not None:
-                index = (sample_t - cfg.burn_in + 1) // cfg.thin - 1
+                index = (sample_t - burn_in + 1) // cfg.thin - 1
                 kept_loss = st["prev_loss"] if undo else loss  # after an undo: the kept weights' loss
                 masked = any(sample_t - cfg.thin < f <= t for f in st["flagged"]) or \
                     sample_loss_is_absurd(kept_loss, st, self.tolerance)
