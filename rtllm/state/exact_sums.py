@@ -27,7 +27,7 @@ from torch import Tensor
 LIMB_BITS = 30
 LSB_EXP = -352  # value = integer * 2**LSB_EXP; the smallest fp32 product is 2**-298 (53 bits wide)
 NUM_LIMBS = 23  # up to bit 30*23 - 352 = 338: sums of 2**31 terms of at most 2**256 fit
-EXACT_CHUNK = 2**20  # elements per pass: <= 4 * 2**20 additions of < 2**30 per limb stays < 2**63
+EXACT_CHUNK = 2**18  # elements per pass: ~600 bytes of temporaries each; 4 * 2**18 limb additions < 2**63
 _SIGNIFICAND_SPLIT = 27  # a 53-bit significand in two pieces, each < 2**27, so piece << 29 < 2**56
 _LIMB_MASK = (1 << LIMB_BITS) - 1
 
