@@ -41,6 +41,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
       "K-th transformer block recomputed in the backward pass, as `rtllm sample "
       "--activation-checkpoint-every` (%(default)s)")
     a("--sample-dtype", choices=["compute", "fp32"], default="compute", help="as rtllm sample (%(default)s)")
+    a("--world-size", type=int, default=1, help="plan one chain sharded over W ranks (rtllm sample "
+      "--shard-state under torchrun): bytes per rank (%(default)s)")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -63,6 +65,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   gpu_mem_bytes=args.gpu_mem, checkpoint_every=args.activation_checkpoint_every,
                   dt_auto=args.dt == "auto", sample_dtype=args.sample_dtype,
                   undo_backup={"auto": "auto", "yes": True, "no": False}[args.undo])
+    if args.world_size != 1:
+        from rtllm.plan.sharded import format_sharded_plan, plan_sharded
+
+        print(format_sharded_plan(plan_sharded(shape, world_size=args.world_size, **kwargs)))
+        return 0
     plans = plan_all_layouts(shape, **kwargs)
     main = next(p for p in plans if p.layout == args.layout)
     hints = fit_hints(shape, main, {**kwargs, "layout": args.layout})

@@ -20,6 +20,7 @@ from rtllm.state.backends import make_backend
 from rtllm.state.flat import MAX_SHARD_ELEMENTS, build_group, collect_grads, finish_materialize, zero_grads
 from rtllm.kernels.philox import STREAM_INIT, STREAM_REFRESH
 from rtllm.state.layouts import DEFAULT_LAYOUT, get_layout
+from rtllm.state.sharded import ShardedState
 from rtllm.samplers.prior import GaussianPrior
 
 _NEXT_PHASE = {"first": "steady", "steady": "steady", "closing": "first"}
@@ -48,7 +49,7 @@ class FlatSampler(torch.optim.Optimizer):
                  max_shard_elements: int = MAX_SHARD_ELEMENTS,
                  device: torch.device | str | None = None,
                  init_weights: Callable[[], None] | None = None,
-                 layout: str = DEFAULT_LAYOUT) -> None:
+                 layout: str = DEFAULT_LAYOUT, sharded: ShardedState | None = None) -> None:
         _check_positive("dt", dt)
         get_layout(layout)  # an unknown name: a one-line error listing the registered ones
         if layout not in self.layouts:
@@ -79,9 +80,15 @@ class FlatSampler(torch.optim.Optimizer):
                              "views (e.g. rtllm.lm.model_io.config_initializer(model))")
         sizes = [sum(p.numel() for p in g["params"]) for g in self.param_groups]
         bases = [sum(sizes[:i]) for i in range(len(sizes))]
-        self._flat = [build_group(g["params"], max_shard_elements, base_offset=b, total_numel=sum(sizes),
-                                  device=device, layout=layout)
-                      for g, b in zip(self.param_groups, bases)]
+        # sharded: local shards of FSDP2 parameters, exact sums (rtllm.state.sharded); sizes are global
+        self.sharded = sharded
+        if sharded is not None and meta:
+            raise ValueError("sharded= takes materialized parameters (fully_shard builds them); "
+                             "init_weights= is for meta parameters of one process")
+        self._flat = sharded.build_groups(self.param_groups, layout=layout) if sharded is not None \
+            else [build_group(g["params"], max_shard_elements, base_offset=b, total_numel=sum(sizes),
+                              device=device, layout=layout)
+                  for g, b in zip(self.param_groups, bases)]
         if meta:  # materialized straight into the buffers: no full-size copy of the model
             with torch.no_grad():
                 init_weights()
@@ -236,6 +243,8 @@ class FlatSampler(torch.optim.Optimizer):
     # The pieces of a step, shared with samplers whose step() differs (rtllm.samplers.mclmc).
     def _collect_gradient(self) -> None:
         """Gather every parameter's gradient into the flat buffer, plus the prior's term."""
+        if self.sharded is not None:
+            self.sharded.pull_grads()
         for fg in self._flat:
             collect_grads(fg)
         if self.prior is not None:
@@ -247,6 +256,9 @@ class FlatSampler(torch.optim.Optimizer):
 
     def _reduce(self, key: dict) -> np.ndarray:
         """The reduce pass over every shard: float64 sums [rays, 6]."""
+        if self.sharded is not None:  # exact sums, all-reduced over the ranks
+            return self.sharded.ray_sums(self._flat, self._ray_of_group, len(self.ray_dims),
+                                         self.backend, key)
         shard_sums, shard_rays = [], []
         for fg, ray in zip(self._flat, self._ray_of_group):
             for shard in fg.shards:
