@@ -36,7 +36,7 @@ Protocol (docs/sampling.md, "Comparing samplers"). Same for every sampler:
    < 2% is taken (the truth is known here: an advantage no real run has); see
    bench_samplers_analytic.run_sgld for why that maximizes ESS/grad under the bound.
 2. The same targets with minibatch-style noise: the gradient of ln p plus sigma * xi, xi ~
-   N(0, I) fresh every gradient (tests/test_noisy_gradients.py's model), sigma in 0, 1, 3, 10.
+   N(0, I) fresh every gradient (tests/samplers/test_noisy_gradients.py's model), sigma in 0, 1, 3, 10.
    Every sampler keeps its values tuned in part 1 and runs --noise-steps gradients per chain
    without Metropolis (RT and HMC in the optimizers' step form, partial refresh at rate
    2/pi, the same decorrelation time as the trajectories). Reported: bias of E|x|^2 relative to

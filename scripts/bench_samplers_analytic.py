@@ -23,7 +23,7 @@ from rtllm.evaluation.diagnostics import MIN_LENGTH_OVER_TAU, integrated_autocor
 from rtllm.samplers.trajectory import MCLMCChains
 
 # The SE estimator of the existing noise protocol (larger of Sokal and 20 batch means).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "samplers"))
 from test_noisy_gradients import standard_error  # noqa: E402
 
 SAMPLERS = ("ray", "hmc", "mclmc", "sgld")
@@ -103,7 +103,7 @@ class Counted:
 
 class NoisyGradient:
     """ln p(x) + sigma_c xi.x with xi ~ N(0, I) fresh every call: the gradient is the exact one
-    plus sigma_c * xi, the noise of tests/test_noisy_gradients.py (loss gradient x - sigma*xi on
+    plus sigma_c * xi, the noise of tests/samplers/test_noisy_gradients.py (loss gradient x - sigma*xi on
     the Gaussian). sigma: one value per chain."""
 
     def __init__(self, log_prob: Callable[[Tensor], Tensor], sigma: Tensor, seed: int) -> None:

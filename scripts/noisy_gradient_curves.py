@@ -1,6 +1,6 @@
 """E|x|^2/D versus gradient-noise scale for ray tracing and HMC (for docs/benchmarks.md).
 
-The setting of tests/test_noisy_gradients.py: the optimizer form on a D-dimensional standard
+The setting of tests/samplers/test_noisy_gradients.py: the optimizer form on a D-dimensional standard
 Gaussian with loss 0.5*|x - sigma*xi|^2, xi ~ N(0, I) drawn afresh every step from a seeded
 torch.Generator (gradient x - sigma*xi; full-batch target N(0, I)), scale_likelihood 1, dt 1e-2,
 refresh_rate 1, x0 a draw from N(0, I), one chain per (sampler, sigma). Ray tracing uses seed 0
@@ -31,7 +31,7 @@ import rtllm
 from rtllm.samplers.autocorr import integrated_autocorr_time as sokal_tau
 
 # HMC's exact stationary value has one definition: the test's (tests/ is not a package).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "samplers"))
 from test_noisy_gradients import hmc_theory  # noqa: E402
 
 SAMPLERS = {"ray": (rtllm.RayTracer, 0), "hmc": (rtllm.HMC, 1)}  # class, seed
