@@ -172,7 +172,8 @@ def remove_stale_temporaries(checkpoint_dir: Path) -> list[Path]:
     """Delete `.NAME.tmp-PID` files that killed checkpoint writes left; returns them.
 
     Call only while holding the run's lock: then no other process is writing one."""
-    stale = sorted(Path(checkpoint_dir).glob(f".chain-*{_TMP_MARK}*")) if Path(checkpoint_dir).is_dir() else []
+    folder = Path(checkpoint_dir)
+    stale = sorted(folder.glob(f".chain-*{_TMP_MARK}*")) if folder.is_dir() else []
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

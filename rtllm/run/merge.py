@@ -249,9 +249,10 @@ def _merged_entries(chain: int, cdir: Path, manifest: Manifest, verify: bool) ->
             if not (sample / name).is_file():
                 raise ValueError(f"{sample / name} is missing but {cdir / MANIFEST} lists it; "
                                  f"resume chain {chain} to re-create the sample")
-        if verify and sha256_file(sample / weights) != e["sha256"]:
-            raise ValueError(f"{sample / weights} does not match the sha256 in {cdir / MANIFEST}: "
-                             f"it changed after it was written; restore it or resume chain {chain}")
+        for name, digest in sorted((e.get("files") or {weights: e["sha256"]}).items()) if verify else ():
+            if sha256_file(sample / name) != digest:
+                raise ValueError(f"{sample / name} does not match the sha256 in {cdir / MANIFEST}: "
+                                 f"it changed after it was written; restore it or resume chain {chain}")
         entries.append({**e, "index": chain * INDEX_STRIDE + e["index"], "chain_index": e["index"],
                         "path": f"{chain_name(chain)}/{e['path']}",
                         **({"start": f"{chain_name(chain)}/{e['start']}"} if "start" in e else {})})

@@ -31,7 +31,9 @@ def claim_out_dir(out: Path, *, resume: bool, overwrite: bool) -> DirectoryLock:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory")
-    _check_ours(out, resume, overwrite)
+    if not (out / RUN_MARKER).is_file():
+        _check_ours(out, resume, overwrite)  # not ours: refused before anything is created in it
+    # An rtllm run is locked first, so a run still writing it is named rather than "not empty".
     out.mkdir(parents=True, exist_ok=True)
     lock = DirectoryLock(out)
     try:

@@ -418,8 +418,9 @@ def _write_synced(path: Path, chunks: list) -> str:
     return h.hexdigest()
 
 
-def sample_file_hashes(sample_dir: Path, known: Mapping[str, str] = {}) -> dict[str, str]:
+def sample_file_hashes(sample_dir: Path, known: Mapping[str, str] | None = None) -> dict[str, str]:
     """sha256 of every file in a sample directory, by name (`known`: digests already computed)."""
+    known = known or {}
     return {p.name: known.get(p.name) or sha256_file(p)
             for p in sorted(Path(sample_dir).iterdir()) if p.is_file()}
 

@@ -163,3 +163,18 @@ def test_disk_full_during_a_checkpoint_write_is_one_line(tiny_model_dir, train_f
     assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "the disk is full" in err and "--resume" in err
     assert not list((out / "checkpoints").glob(".*tmp*"))  # the torn temporary was removed
+
+
+def test_a_second_run_on_the_out_of_a_live_run_is_refused(tiny_model_dir, train_file, tmp_path, capsys):
+    from refusal import run_config
+    from rtllm.run.sampling import SamplingRun
+
+    out = tmp_path / "out"
+    first = SamplingRun(run_config(tiny_model_dir, train_file, out), log=lambda _: None)  # holds the lock
+    try:
+        for extra in ((), ("--resume",), ("--overwrite",), ("--seed", "9", "--overwrite")):
+            assert_refused(sample_argv(tiny_model_dir, train_file, out, *extra), tmp_path, capsys,
+                           match=f"in use by another rtllm run (PID {os.getpid()})")
+    finally:
+        first.run()  # finishes and releases
+    assert not (out / ".rtllm.lock").exists()

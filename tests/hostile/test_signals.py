@@ -55,13 +55,12 @@ def test_a_signal_stops_at_a_safe_point_with_the_resume_command(tiny_model_dir, 
     assert not (out / ".rtllm.lock").exists()  # released on the way out
     if signum != signal.SIGINT:
         return
-    # Resume the stopped run (shortened to 12 steps: the steps are not chain-defining) and
-    # compare with an uninterrupted 12-step run.
-    short = ["--steps", "12"]
+    # Resume the stopped run, shortened to a few steps past the stop (the step count is not
+    # chain-defining), and compare with an uninterrupted run of that length.
     step = json.loads([r for r in (out / "log-chain-000.jsonl").read_text().splitlines()
                        if '"checkpoint"' in r][-1])["step"]
-    assert step < 12, f"stopped at step {step}, after the comparison's end"
+    short = ["--steps", str(max(12, step + 4))]
     assert cli_main(shlex.split(command)[1:] + short) == 0
     assert cli_main(sample_argv(tiny_model_dir, train_file, tmp_path / "whole") + LONG_RUN + short) == 0
     a, b = Ensemble(tmp_path / "whole"), Ensemble(out)
-    assert [e["sha256"] for e in a.entries] == [e["sha256"] for e in b.entries] and len(a) == 4
+    assert [e["sha256"] for e in a.entries] == [e["sha256"] for e in b.entries] and len(a) >= 4
