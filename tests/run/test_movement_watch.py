@@ -13,7 +13,7 @@ from rtllm.samplers import movement
 
 def watch(dt="auto", burn_in=60, sampler="ray"):
     state, records, said = {"dt": 1e-3}, [], []
-    cfg = SimpleNamespace(dt=dt, burn_in=burn_in, sampler=sampler)
+    cfg = SimpleNamespace(dt=dt, burn_in=burn_in, sampler=sampler, reject_threshold="auto")
     return MovementWatch(state, cfg, say=said.append, log=records.append), state, records, said
 
 
