@@ -68,6 +68,7 @@ class MovementWatch:
         self.dt_auto = cfg.dt == "auto" and cfg.sampler == "ray"
         # MCLMC flags jumps and keeps the step (no undo): its tuning burn-in is not stopped early.
         self.undo_stops = cfg.sampler == "ray"
+        self.more = "" if cfg.reject_threshold in ("auto", None) else ", or leave --reject-threshold at auto"
         self.s = state.setdefault("movement", dict(
             window_start=0, window_rejected=0, shrinks=0, counted_from=cfg.burn_in, steps=0, rejected=0,
             last_probe=None, moves=[], heldout=[]))
@@ -88,7 +89,7 @@ class MovementWatch:
             raise ChainNotMoving(
                 f"the chain is not moving: {s['window_rejected']} of the steps {s['window_start']}.."
                 f"{t} of the burn-in were undone or flagged (the loss jumps by more than "
-                f"--reject-threshold): use a smaller --dt (e.g. --dt {dt / 10:.2g}) or --dt auto")
+                f"--reject-threshold): use --dt auto or a smaller --dt (at most {dt / 10:g}){self.more}")
         if t + 1 - s["window_start"] >= movement.DT_WINDOW:
             s["window_start"], s["window_rejected"] = t + 1, 0
         return False
@@ -99,7 +100,7 @@ class MovementWatch:
             raise ChainNotMoving(
                 f"the chain is not moving: --dt auto shrank dt {s['shrinks']} times to {dt:.3g} and "
                 f"still {s['window_rejected']} of {t + 1 - s['window_start']} steps were undone: lower "
-                f"--loss-tolerance or raise --reject-threshold")
+                f"--loss-tolerance{self.more or ' or raise --reject-threshold'}")
         new = dt / movement.DT_SHRINK
         self.log({"type": "dt_shrink", "step": t, "dt_old": dt, "dt": new,
                   "rejected": s["window_rejected"], "window_steps": t + 1 - s["window_start"]})
@@ -134,8 +135,8 @@ class MovementWatch:
             step_move=s.get("step_move"), heldout_losses=tuple(s["heldout"])))
         if not verdict.moving:
             self.log({"type": "not_moving", "reason": verdict.reason})
-            advice = (f"use a smaller --dt (e.g. --dt {dt / 10:.2g}) or --dt auto" if "undone" in verdict.reason
-                      else "use --dt auto, or a --dt at which the weights change")
+            advice = (f"use --dt auto or a smaller --dt (at most {dt / 10:g}){self.more}" if "undone" in
+                      verdict.reason else "use --dt auto, or a --dt at which the weights change")
             raise ChainNotMoving(f"the chain is not moving: {verdict.reason}; {advice} (the samples "
                                  f"written so far are no ensemble: rtllm evaluate refuses them)")
         return verdict

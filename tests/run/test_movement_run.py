@@ -66,6 +66,9 @@ def test_a_chain_that_cannot_move_stops_with_one_line(model_dir, train_file, tmp
     code = cli_main(_args(model_dir, train_file, out, "--steps", "40", "--burn-in", "20", "--thin", "4", *flags))
     line = _one_line_error(capsys)
     assert code != 0 and "not moving" in line and "smaller --dt" in line
+    guards = next(r for r in read_log(out / "log-chain-000.jsonl") if r["type"] == "guards")
+    if "--reject-threshold" in flags:  # an explicit threshold wins over the auto one
+        assert guards["reject_threshold"] == 1e-5
     assert not (out / "ensemble.json").exists() or not json.loads((out / "ensemble.json").read_text())["samples"]
 
 
