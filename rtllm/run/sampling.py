@@ -342,7 +342,7 @@ class SamplingRun:
     def _loop(self) -> None:
         cfg, st = self.cfg, self.state
         last_ckpt = time.monotonic()
-        bar = Progress(cfg.steps, "sampling", initial=st["step"])  # a bar on a terminal, else a line every 10 s
+        bar = Progress(cfg.steps, "sampling", initial=st["step"])  # a bar, or a line every 10 s
         # An MCLMC sample waits for its full step's end when a divergence restarted a step off the
         # even grid (MCLMC._diverge): the run then takes one gradient more for it.
         while st["step"] < cfg.steps or st.get("sample_due") is not None:
