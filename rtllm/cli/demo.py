@@ -100,15 +100,16 @@ def _heldout_texts(work: Path, size: DemoSize) -> list[Path]:
 
 def run_demo(work: Path, *, steps: int | None = None, overwrite: bool = False, size: DemoSize = DEMO) -> Path:
     from rtllm.evaluation.job import EvalJob, run_job
-    from rtllm.lm.pretrain import ensure_pretrained
+    from rtllm.lm.pretrain import ensure_pretrained, is_complete
     from rtllm.run.sampling import sample
 
     work = Path(work)
     print(f"rtllm demo: working in {work.resolve()}")
     clock = PhaseClock()
+    reused = is_complete(work / "model")
     model_dir = ensure_pretrained(work / "model", **dict(size.pretrain))
     clock.lap("pretrain")
-    print(f"[1/4] starting checkpoint: {model_dir}")
+    print(f"[1/4] starting checkpoint: {model_dir}" + (" (already pretrained: reused)" if reused else ""))
     cfg = demo_config(work, steps, size)
     manifest = Path(cfg.out) / "ensemble.json"
     print(f"[2/4] sampling {cfg.steps} steps (burn-in {cfg.burn_in}, a sample every {cfg.thin}); "
