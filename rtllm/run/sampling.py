@@ -249,13 +249,7 @@ class SamplingRun:
         self.say(f"choosing dt (--dt auto): trials of {self.cfg.dt_trial_steps} steps from "
                  f"dt0 = 0.03/sqrt(D), tolerance {self.tolerance:.3g} nats")
         start = self._mean_loss(range(self.cfg.dt_trial_steps))
-        def trial(dt: float) -> dt_auto.Trial:  # each trial takes seconds to minutes: say each one
-            result = self._trial(dt, start)
-            self.say(f"dt trial: dt = {dt:.3g} {'stable' if result.stable else 'diverged'} (loss "
-                     f"{result.start_loss:.3f} -> {result.end_loss:.3f})")
-            return result
-
-        dt, trials = dt_auto.search_dt(trial, dt_auto.initial_dt(self.num_params))
+        dt, trials = dt_auto.search_dt(lambda dt: self._trial(dt, start), dt_auto.initial_dt(self.num_params))
         self.state["dt_trials"] = [t.__dict__ for t in trials]
         self.say(f"dt = {dt:.4g} ({len(trials)} trials)")
         return dt

@@ -18,9 +18,15 @@ from rtllm.cli.demo import DEMO, SMALL_DEMO, run_demo
 
 @pytest.fixture(scope="module", params=[pytest.param(SMALL_DEMO, id="small"),
                                         pytest.param(DEMO, id="full-demo", marks=pytest.mark.slow)])
-def summary(request, tmp_path_factory):
-    out = run_demo(tmp_path_factory.mktemp("demo"), size=request.param)
-    return json.loads((out / "summary.json").read_text())
+def demo(request, tmp_path_factory):
+    work = tmp_path_factory.mktemp("demo")
+    out = run_demo(work, size=request.param)
+    return work, request.param, json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def summary(demo):
+    return demo[2]
 
 
 def test_ensemble_nll_is_within_2_percent_of_the_starting_checkpoint(summary):
@@ -37,3 +43,14 @@ def test_epistemic_uncertainty_separates_ood_windows(summary):
 
 def test_every_sample_was_used(summary):
     assert summary["n_samples_used"] >= 5 and summary["n_samples_masked"] == 0
+
+
+def test_a_rerun_reuses_every_phase_and_says_so(demo, capsys):
+    work, size, summary = demo
+    capsys.readouterr()
+    out = run_demo(work, size=size)
+    said = capsys.readouterr().out
+    assert "(already pretrained: reused)" in said
+    assert said.count("already complete") == 2, said  # the sampling run and the evaluation
+    assert "resum" not in said.replace("resumed or reused", "")  # nothing was resumed
+    assert json.loads((out / "summary.json").read_text()) == summary
