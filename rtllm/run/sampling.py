@@ -394,8 +394,8 @@ class SamplingRun:
             record["tokens_per_s"] = tokens / (time.perf_counter() - t0)
             record["peak_memory_bytes"] = peak_memory_bytes(self.device)
             self.log.write(record)
-            bar.update(1, loss=f"{loss:.3f}", heldout=f"{record.get('heldout_loss', float('nan')):.3f}",
-                       angle=f"{record.get('angle', 0.0):.2e}")
+            held = {"heldout": f"{record['heldout_loss']:.3f}"} if "heldout_loss" in record else {}  # the last one
+            bar.update(1, loss=f"{loss:.3f}", **held, angle=f"{record.get('angle', 0.0):.2e}")
             due = (st["step"] % cfg.checkpoint_every == 0) if cfg.checkpoint_every else \
                 time.monotonic() - last_ckpt > CHECKPOINT_SECONDS
             if due and st["step"] < cfg.steps:
