@@ -5,9 +5,9 @@ play of the bundled corpus with Python source as out-of-distribution text: the B
 average is no worse than the starting checkpoint (NLL within 2%), epistemic uncertainty is
 higher out of distribution, and it separates OOD windows from in-distribution ones.
 
-The default suite runs the demo's pipeline at SMALL_DEMO size (a smaller pretraining, 150
-sampler steps, 40 KB of each text); the slow suite (`pytest -m slow`) runs the whole demo as
-`rtllm demo` does. Same assertions for both.
+The default suite runs the demo's pipeline at SMALL_DEMO size: from the session's trained tiny
+GPT-2 (tests/tiny_gpt2.py) instead of a pretraining, 150 sampler steps, 20 KB of each text. The
+slow suite (`pytest -m slow`) runs the whole demo as `rtllm demo` does. Same assertions for both.
 """
 import json
 
@@ -18,9 +18,10 @@ from rtllm.cli.demo import DEMO, SMALL_DEMO, run_demo
 
 @pytest.fixture(scope="module", params=[pytest.param(SMALL_DEMO, id="small"),
                                         pytest.param(DEMO, id="full-demo", marks=pytest.mark.slow)])
-def demo(request, tmp_path_factory):
+def demo(request, tmp_path_factory, trained_tiny_model_dir):
     work = tmp_path_factory.mktemp("demo")
-    out = run_demo(work, size=request.param)
+    start = trained_tiny_model_dir if request.param is SMALL_DEMO else None  # the full demo pretrains
+    out = run_demo(work, size=request.param, start=start)
     return work, request.param, json.loads((out / "summary.json").read_text())
 
 
