@@ -1,6 +1,7 @@
 """Run `rtllm demo` from scratch and record its times and quality where people read them.
 
     python scripts/bench_demo.py [--out DIR] [--note "quiet machine"] [--write]
+    python scripts/bench_demo.py --from-run rtllm-demo --wall 1234 --write   # a run already made
 
 Runs the demo in a fresh directory (a subprocess, as a person would), reads the phase times it
 wrote (demo_times.json) and its summary, and prints the markdown block of figures. With
@@ -89,15 +90,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="demo directory (default: a fresh temporary one, removed after)")
     ap.add_argument("--note", default="", help="what else ran on the machine")
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md and README.md")
+    ap.add_argument("--from-run", metavar="DIR", help="record a demo run that already finished in DIR "
+                    "(its demo_times.json) instead of running one; give its --wall time")
+    ap.add_argument("--wall", type=float, help="with --from-run: that run's wall seconds (default: the "
+                    "sum of its phases)")
     args = ap.parse_args(argv)
-    tmp = None if args.out else tempfile.mkdtemp(prefix="rtllm-bench-demo-")
-    out = Path(args.out or tmp)
-    try:
-        wall = run_demo(out)
-        times = json.loads((out / "demo_times.json").read_text())
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+    if args.from_run:
+        times = json.loads((Path(args.from_run) / "demo_times.json").read_text())
+        wall = args.wall or sum(times[k] for k in ("pretrain", "sample", "evaluate"))
+    else:
+        tmp = None if args.out else tempfile.mkdtemp(prefix="rtllm-bench-demo-")
+        out = Path(args.out or tmp)
+        try:
+            wall = run_demo(out)
+            times = json.loads((out / "demo_times.json").read_text())
+        finally:
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
     block = benchmark_block(times, wall, machine(args.note), commit(), datetime.date.today().isoformat())
     print(block)
     if args.write:
