@@ -49,11 +49,12 @@ def commit() -> str:
         return "unknown"
 
 
-def benchmark_block(times: dict, wall_s: float, where: str, rev: str, date: str) -> str:
+def benchmark_block(times: dict, wall_s: float, where: str, rev: str, date: str,
+                    how: str = "`python scripts/bench_demo.py` (`rtllm demo` from scratch)") -> str:
     s = times["summary"]
     return "\n".join([
         BEGIN,
-        f"`python scripts/bench_demo.py` (`rtllm demo` from scratch), commit {rev}, {date}, {where}.",
+        f"{how}, commit {rev}, {date}, {where}.",
         f"Wall time {wall_s:.0f} s: pretraining {times['pretrain']:.0f} s, sampling {times['sample']:.0f} s, "
         f"evaluation {times['evaluate']:.0f} s (the rest: start-up).",
         "",
@@ -74,8 +75,8 @@ def readme_line(times: dict, wall_s: float) -> str:
     return (f"{BEGIN}The demo's ensemble on the held-out play: NLL of the ensemble average "
             f"{s['nll_bma']:.4f} nats/token vs {s['nll_baseline']:.4f} for the starting checkpoint; "
             f"epistemic uncertainty separates Python source from Shakespeare with AUROC "
-            f"{s['auroc_ood_epistemic']:.3f}; the demo took {wall_s / 60:.1f} min (`scripts/bench_demo.py`, "
-            f"machine and load in `docs/benchmarks.md`).{END}")
+            f"{s['auroc_ood_epistemic']:.3f}; the last measured demo took {wall_s / 60:.1f} min "
+            f"(`scripts/bench_demo.py`; the machine and its load are in `docs/benchmarks.md`).{END}")
 
 
 def replace_block(text: str, block: str) -> str:
@@ -107,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
-    block = benchmark_block(times, wall, machine(args.note), commit(), datetime.date.today().isoformat())
+    how = (f"`rtllm demo` from scratch, recorded with `python scripts/bench_demo.py --from-run {args.from_run}`"
+           if args.from_run else "`python scripts/bench_demo.py` (`rtllm demo` from scratch)")
+    block = benchmark_block(times, wall, machine(args.note), commit(), datetime.date.today().isoformat(), how)
     print(block)
     if args.write:
         for name, new in (("docs/benchmarks.md", block), ("README.md", readme_line(times, wall))):
