@@ -18,9 +18,10 @@ from rtllm.cli.demo import DEMO, SMALL_DEMO, run_demo
 
 @pytest.fixture(scope="module", params=[pytest.param(SMALL_DEMO, id="small"),
                                         pytest.param(DEMO, id="full-demo", marks=pytest.mark.slow)])
-def demo(request, tmp_path_factory, trained_tiny_model_dir):
+def demo(request, tmp_path_factory):
     work = tmp_path_factory.mktemp("demo")
-    start = trained_tiny_model_dir if request.param is SMALL_DEMO else None  # the full demo pretrains
+    # the small demo starts from the session's trained tiny model; the full demo pretrains its own
+    start = request.getfixturevalue("trained_tiny_model_dir") if request.param is SMALL_DEMO else None
     out = run_demo(work, size=request.param, start=start)
     return work, request.param, json.loads((out / "summary.json").read_text())
 
