@@ -1,6 +1,7 @@
 """One-command set-up: make .venv, install rtllm with its test extras, then run a job.
 
-    python3 scripts/bootstrap.py test   [pytest args...]   # set up, then run the test suite
+    python3 scripts/bootstrap.py test   [pytest args...]   # set up, then run the test suite (--durations=15)
+    python3 scripts/bootstrap.py test -m slow              # the long statistical tests and the full demo
     python3 scripts/bootstrap.py demo   [demo args...]     # set up, then run the built-in demo
 
 Needs only Python >= 3.10. Re-running is cheap: an existing .venv is reused.
@@ -56,7 +57,8 @@ def main(argv: list[str]) -> int:
     if job == "test":
         # The pytest launcher (not `python -m pytest`) keeps the repository root off sys.path,
         # so the installed package, with rtllm.kernels mapped from kernels/, is what gets imported.
-        return _run([BIN / "pytest", *rest], cwd=ROOT)
+        # --durations=15: the slowest tests are always in view, so a slow one is noticed.
+        return _run([BIN / "pytest", "--durations=15", *rest], cwd=ROOT)
     return _run([BIN / "rtllm", "demo", *rest], cwd=ROOT)
 
 

@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from tiny_gpt2 import tiny_model_dir, train_file  # noqa: E402,F401  (registers the session fixtures)
+from tiny_gpt2 import tiny_model_dir, train_file, trained_tiny_model_dir  # noqa: E402,F401  (session fixtures)
 
 
 @pytest.fixture(scope="module")

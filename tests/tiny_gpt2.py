@@ -83,6 +83,13 @@ def save_trained_tiny_model(dir: str | Path, *, steps: int = 150, seq_len: int =
 
 
 @pytest.fixture(scope="session")
+def trained_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One trained tiny GPT-2 (save_trained_tiny_model) shared by the whole session: the
+    training runs once however many test modules sample from it. Treat it as read-only."""
+    return save_trained_tiny_model(tmp_path_factory.mktemp("trained_tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
 def train_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 kB of the bundled corpus as a training text file (read-only for the tests)."""
     path = tmp_path_factory.mktemp("text") / "train.txt"

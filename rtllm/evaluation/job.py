@@ -60,7 +60,8 @@ def run_job(job: EvalJob, say: Callable[[str], None] = lambda m: None) -> EvalOu
                "mask_heldout_above": job.mask_heldout_above, "encoding": job.encoding}
     digest, inputs = publish.fingerprint(Path(job.ensemble), texts, ood,
                                          Path(job.baseline) if job.baseline else None, options)
-    inputs = {"ensemble": str(Path(job.ensemble).resolve()), **inputs}
+    inputs = {"ensemble": str(Path(job.ensemble).resolve()), "model": _model_of(Path(job.ensemble)),
+              "baseline_dir": str(Path(job.baseline).resolve()) if job.baseline else None, **inputs}
     done = None if job.recompute else publish.completed(out, digest)
     if done is not None:
         say(f"already complete: the evaluation in {out} was made from the same ensemble, texts and "
@@ -77,6 +78,18 @@ def run_job(job: EvalJob, say: Callable[[str], None] = lambda m: None) -> EvalOu
         publish.discard(staging)
         raise
     return outcome
+
+
+def _model_of(ensemble_dir: Path) -> str | None:
+    """The model the ensemble was sampled from, as its run recorded it (for the reports)."""
+    import json
+
+    try:
+        config = json.loads((ensemble_dir / "ensemble.json").read_text()).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    model = config.get("model") if isinstance(config, dict) else None
+    return model if isinstance(model, str) else None  # as the run was given it
 
 
 def _texts(paths: Sequence[str]) -> dict[str, str]:

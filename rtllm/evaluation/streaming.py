@@ -47,6 +47,7 @@ class EvalResult:
     summary: dict
     samples: list[dict]  # manifest entries of the samples used, each with its normalized "weight"
     seq_len: int
+    first_tokens: dict | None = None  # {"in": text, "ood": text}: the tokens nothing predicts
 
 
 def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
@@ -155,7 +156,11 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
     summary.update({"n_samples_used": len(used), "n_samples_masked": n_masked,
                     "seq_len": seq_len, "n_windows": int((~is_ood_w).sum()),
                     "n_windows_ood": int(is_ood_w.sum())})
-    return EvalResult(table=table, summary=summary, samples=used, seq_len=seq_len)
+    first_ood = int(np.argmax(is_ood_w)) if is_ood_w.any() else None
+    first = {"in": tokenizer.decode([int(windows[0, 0])])}
+    if first_ood is not None:
+        first["ood"] = tokenizer.decode([int(windows[first_ood, 0])])
+    return EvalResult(table=table, summary=summary, samples=used, seq_len=seq_len, first_tokens=first)
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -393,4 +398,5 @@ def write_evaluation(result: "EvalResult", out: Path, context: dict | None = Non
     write_token_table(result.table, out / "tokens.jsonl")
     return {"summary": out / "summary.json", "token_table": out / "tokens.jsonl",
             **{f"report_{k}": v
-               for k, v in write_reports(result.table, result.summary, out, context=context).items()}}
+               for k, v in write_reports(result.table, result.summary, out,
+                                         context={**(context or {}), "first_tokens": result.first_tokens}).items()}}

@@ -265,14 +265,7 @@ class SamplingRun:
                  f"dt0 = 0.03/sqrt(D), tolerance {self.tolerance:.3g} nats")
         self._calibrate_guards()
         start = self.state["start_loss"]  # the mean loss over the trials' batches
-
-        def trial(dt: float) -> dt_auto.Trial:  # each trial takes seconds to minutes: say each one
-            result = self._trial(dt, start)
-            self.say(f"dt trial: dt = {dt:.3g} {dt_auto.describe(result, self.tolerance)} (loss "
-                     f"{result.start_loss:.3f} -> {result.end_loss:.3f})")
-            return result
-
-        dt, trials = dt_auto.search_dt(trial, dt_auto.initial_dt(self.num_params))
+        dt, trials = dt_auto.search_dt(lambda dt: self._trial(dt, start), dt_auto.initial_dt(self.num_params))
         self.state["dt_trials"] = [t.__dict__ for t in trials]
         self.say(f"dt = {dt:.4g} ({len(trials)} trials; "
                  f"{dt_auto.describe(next(t for t in trials if t.dt == dt), self.tolerance)})")
@@ -372,7 +365,7 @@ class SamplingRun:
     def _loop(self) -> None:
         cfg, st = self.cfg, self.state
         last_ckpt = time.monotonic()
-        bar = Progress(cfg.steps, "sampling", initial=st["step"])  # a bar on a terminal, else a line every 10 s
+        bar = Progress(cfg.steps, "sampling", initial=st["step"])  # a bar, or a line every 10 s
         # An MCLMC sample waits for its full step's end when a divergence restarted a step off the
         # even grid (MCLMC._diverge): the run then takes one gradient more for it.
         while st["step"] < cfg.steps or st.get("sample_due") is not None:
@@ -438,8 +431,8 @@ class SamplingRun:
             record["tokens_per_s"] = tokens / (time.perf_counter() - t0)
             record["peak_memory_bytes"] = peak_memory_bytes(self.device)
             self.log.write(record)
-            bar.update(1, loss=f"{loss:.3f}", heldout=f"{record.get('heldout_loss', float('nan')):.3f}",
-                       angle=f"{record.get('angle', 0.0):.2e}")
+            held = {"heldout": f"{record['heldout_loss']:.3f}"} if "heldout_loss" in record else {}  # the last one
+            bar.update(1, loss=f"{loss:.3f}", **held, angle=f"{record.get('angle', 0.0):.2e}")
             due = (st["step"] % cfg.checkpoint_every == 0) if cfg.checkpoint_every else \
                 time.monotonic() - last_ckpt > CHECKPOINT_SECONDS
             if due and st["step"] < cfg.steps:

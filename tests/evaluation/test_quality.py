@@ -4,19 +4,31 @@ The tiny pretrained model with the library's default sampler settings, evaluated
 play of the bundled corpus with Python source as out-of-distribution text: the Bayesian model
 average is no worse than the starting checkpoint (NLL within 2%), epistemic uncertainty is
 higher out of distribution, and it separates OOD windows from in-distribution ones.
-Runs the whole demo (pretrain ~1-2 min, sample ~1 min, evaluate ~1 min on 2 cores).
+
+The default suite runs the demo's pipeline at SMALL_DEMO size: from the session's trained tiny
+GPT-2 (tests/tiny_gpt2.py) instead of a pretraining, 150 sampler steps, 20 KB of each text. The
+slow suite (`pytest -m slow`) runs the whole demo as `rtllm demo` does. Same assertions for both.
 """
 import json
 
 import pytest
 
-from rtllm.cli.demo import run_demo
+from rtllm.cli.demo import DEMO, SMALL_DEMO, run_demo
+
+
+@pytest.fixture(scope="module", params=[pytest.param(SMALL_DEMO, id="small"),
+                                        pytest.param(DEMO, id="full-demo", marks=pytest.mark.slow)])
+def demo(request, tmp_path_factory):
+    work = tmp_path_factory.mktemp("demo")
+    # the small demo starts from the session's trained tiny model; the full demo pretrains its own
+    start = request.getfixturevalue("trained_tiny_model_dir") if request.param is SMALL_DEMO else None
+    out = run_demo(work, size=request.param, start=start)
+    return work, request.param, json.loads((out / "summary.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def summary(tmp_path_factory):
-    out = run_demo(tmp_path_factory.mktemp("demo"))
-    return json.loads((out / "summary.json").read_text())
+def summary(demo):
+    return demo[2]
 
 
 def test_ensemble_nll_is_within_2_percent_of_the_starting_checkpoint(summary):
@@ -33,3 +45,14 @@ def test_epistemic_uncertainty_separates_ood_windows(summary):
 
 def test_every_sample_was_used(summary):
     assert summary["n_samples_used"] >= 5 and summary["n_samples_masked"] == 0
+
+
+def test_a_rerun_reuses_every_phase_and_says_so(demo, capsys):
+    work, size, summary = demo
+    capsys.readouterr()
+    out = run_demo(work, size=size)
+    said = capsys.readouterr().out
+    assert "(already pretrained: reused)" in said
+    assert said.count("already complete") == 2, said  # the sampling run and the evaluation
+    assert "resum" not in said.replace("resumed or reused", "")  # nothing was resumed
+    assert json.loads((out / "summary.json").read_text()) == summary

@@ -135,15 +135,16 @@ def test_html_round_trips_every_token_and_its_numbers():
     spans = parse(page)
     assert len(spans.sections) == 2
     for got, rows in zip(spans.sections, expected_sections(table)):
+        first_window = min(table["window"][i] for i in rows)  # each text numbers its windows from 0
         assert [text for text, _ in got] == [str(table["token"][i]) for i in rows]
         for (_, title), i in zip(got, rows):
             for key in ("p_observed", "nll_bma", "entropy_total", "aleatoric", "epistemic"):
                 assert _fmt(float(table[key][i])) in title
             base = float(table["nll_baseline"][i])
             assert ("NLL baseline = " + _fmt(base) in title) == math.isfinite(base)
-            assert f"window {table['window'][i]}, position {table['position'][i]}" in title
+            assert f"window {table['window'][i] - first_window} of this text, position {table['position'][i]}" in title
     for key, value in SUMMARY.items():
-        assert f"<th>{key}</th>" in page
+        assert page.count(f"<code>{key}</code>") == 1  # every summary value, once
     assert f"<td>{_fmt(SUMMARY['ece_top1'])}</td>" in page and "<td>n/a</td>" in page
 
 
@@ -204,3 +205,43 @@ def test_page_renders_in_headless_chromium(tmp_path):
     res = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,1400",
                     "--hide-scrollbars", url)
     assert shot.exists() and shot.read_bytes()[:8] == PNG_MAGIC, res.stderr[-2000:]
+
+
+CONTEXT = {"model": "runs/tiny-shakespeare-gpt2", "ensemble": "/data/my-ensemble",
+           "texts": {"/corpus/tempest.txt": "h"}, "ood_texts": {"/usr/lib/python3/abc.py": "h"},
+           "baseline_dir": "/data/tiny-shakespeare-gpt2", "first_tokens": {"in": "TH", "ood": "#!"}}
+
+
+def test_page_says_what_was_evaluated_and_shows_each_text_whole():
+    table = synthetic_table(windows_id=3, windows_ood=2, length=20)
+    page = tokens_html(table, {**SUMMARY, "n_tokens": 60}, context=CONTEXT)
+    assert "<h1>Token-level predictive uncertainty of tiny-shakespeare-gpt2 on tempest.txt</h1>" in page
+    for name in ("/data/my-ensemble", "abc.py", "/data/tiny-shakespeare-gpt2"):
+        assert name in page
+    # the first token of each text, which no window predicts, is shown (unshaded) before the rest
+    assert page.count('<span class="t0"') == 2 and ">TH</span>" in page and ">#!</span>" in page
+    assert page.index(">TH</span>") < page.index('class="t"')
+    # windows are marked by a thin line, not boxed (a box splits words); OOD windows count from 0
+    assert 'class="win"' not in page and page.count('class="wb"') == (3 - 1) + (2 - 1)
+    ood = page[page.index("Out-of-distribution text: abc.py"):]
+    assert "window 0 of this text, position" in ood and "window 3 of this text" not in ood
+    # summary values labelled and explained, each once
+    assert "Bayesian model average" in page and page.count("<code>n_tokens</code>") == 1
+    assert "every token is shown below" in page
+
+
+def test_a_capped_page_says_so_at_the_top_and_where_the_rest_is():
+    table = synthetic_table(windows_id=4, windows_ood=1, length=20)
+    page = tokens_html(table, {}, max_tokens=30)
+    assert "up to 30 tokens of each text are shown below" in page
+    assert "Every token is in tokens.jsonl." in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (/usr/bin/chromium)")
+def test_page_in_headless_chromium_names_the_model_and_texts_and_shows_the_first_token(tmp_path):
+    paths = write_reports(synthetic_table(), SUMMARY, tmp_path, context=CONTEXT)
+    dom = _chromium(tmp_path, "--dump-dom", paths["tokens"].absolute().as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'data-ready="1"' in dom.stdout  # rendered, and the script ran to its end
+    for text in ("tiny-shakespeare-gpt2", "tempest.txt", "abc.py", ">TH</span>", ">#!</span>"):
+        assert text in dom.stdout, text

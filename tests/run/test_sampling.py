@@ -20,12 +20,12 @@ from rtllm.store.runlog import read_log
 from rtllm.run.checkpoint import cloned
 from rtllm.run.movement_watch import ChainNotMoving
 from rtllm.run.sampling import SamplingRun, sample
-from tiny_gpt2 import corpus_text, save_trained_tiny_model
+from tiny_gpt2 import corpus_text
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_trained_tiny_model(tmp_path_factory.mktemp("model"))
+def model_dir(trained_tiny_model_dir) -> Path:
+    return trained_tiny_model_dir  # trained once per session (tests/tiny_gpt2.py)
 
 
 def config(model_dir, train_file, out, **kw) -> SampleConfig:
