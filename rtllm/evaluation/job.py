@@ -70,12 +70,13 @@ def run_job(job: EvalJob, say: Callable[[str], None] = lambda m: None) -> EvalOu
         return EvalOutcome(summary=read("summary.json"), paths={p.stem: p for p in done}, reused=True,
                            summary_unmasked=read("summary_unmasked.json"), diagnostics=read("diagnostics.json"),
                            inputs=inputs)
+    created_out = not out.exists()
     staging = publish.begin(out)
     try:
         outcome = _evaluate_into(job, staging, inputs, say)
         outcome.paths = publish.publish(staging, out, digest, inputs)
     except BaseException:
-        publish.discard(staging)
+        publish.discard(staging, created_out=created_out)
         raise
     return outcome
 

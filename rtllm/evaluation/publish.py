@@ -77,8 +77,15 @@ def publish(staging: Path, out: Path, fingerprint: str, inputs: dict) -> dict[st
     return {name: out / name for name in files}
 
 
-def discard(staging: Path) -> None:
+def discard(staging: Path, *, created_out: bool = False) -> None:
+    """Remove a failed evaluation's staging directory, and `--out` too when this run created
+    it and nothing else is there: a refused evaluation leaves the disk as it found it."""
     shutil.rmtree(staging, ignore_errors=True)
+    if created_out:
+        try:
+            staging.parent.rmdir()
+        except OSError:  # not empty: something else is there now
+            pass
 
 
 def completed(out: Path, fingerprint: str) -> list[Path] | None:

@@ -93,6 +93,8 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
         raise ValueError(f"the tokenizer in {ensemble.out_dir} has {len(tokenizer)} tokens but the "
                          f"model's vocabulary has {vocab}: the tokenizer files do not belong to "
                          f"these samples; copy the starting checkpoint's tokenizer there")
+    # A baseline that does not load (or does not match) is refused before any work starts.
+    base_model = None if baseline is None else load_baseline(baseline, tokenizer, ensemble.out_dir)
     windows, is_ood_w, seq_len = make_windows(tokenizer, texts, ood_texts, seq_len,
                                               context_length(config), encoding=encoding)
     logit_bytes = max(4, torch.finfo(dtype).bits // 8)
@@ -103,10 +105,11 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
         f"{len(chunks)} chunk(s) of <= {per_chunk} windows")
 
     nll_base = np.full(windows.shape[0] * seq_len, np.nan)
-    if baseline is not None:  # first, so that its model is freed before the samples' is built
+    if base_model is not None:  # first, so that its model is freed before the samples' is built
         say(f"the starting checkpoint {baseline} first, then the samples")
-        nll_base = baseline_nll(baseline, tokenizer, ensemble.out_dir, windows, chunks, device,
-                                block_bytes, show_progress=progress is not None)
+        nll_base = baseline_nll(base_model, windows, chunks, device, block_bytes,
+                                show_progress=progress is not None)
+        base_model = None
     model = ensemble.load_model(used[0]["index"], dtype=dtype, local_files_only=True)
     model = model.to(device).eval()
     # Chunk c visits the samples forwards (c even) or backwards: the boundary sample stays loaded.
@@ -366,14 +369,18 @@ def load_weights(model, state: dict, where: Path, aliases: dict[str, list[str]])
                          f"one architecture")
 
 
-def baseline_nll(baseline: str | Path, tokenizer, ensemble_dir: Path, windows: torch.Tensor,
-                 chunks: list[slice], device: torch.device, block_bytes: int,
-                 show_progress: bool = False) -> np.ndarray:
-    """Per-token NLL of the starting checkpoint on all windows (its own pass, then freed)."""
+def load_baseline(baseline: str | Path, tokenizer, ensemble_dir: Path):
+    """The starting checkpoint's model on the CPU, checked to share the ensemble's tokenizer."""
     from rtllm.lm.model_io import load_model_and_tokenizer
 
     model, theirs = load_model_and_tokenizer(baseline, device="cpu")
     check_same_tokenizer(tokenizer, theirs, ensemble_dir, Path(baseline))
+    return model
+
+
+def baseline_nll(model, windows: torch.Tensor, chunks: list[slice], device: torch.device,
+                 block_bytes: int, show_progress: bool = False) -> np.ndarray:
+    """Per-token NLL of the starting checkpoint on all windows (its own pass)."""
     model = model.to(device, _compute_dtype(model.dtype, device)).eval()
     out = []
     with torch.inference_mode(), Progress(len(chunks), "baseline", unit="chunk", enabled=show_progress) as bar:

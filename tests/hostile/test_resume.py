@@ -41,7 +41,9 @@ def test_every_file_of_a_sample_is_hashed_and_checked(finished_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     entries = Ensemble(run).entries
-    assert all(sorted(e["files"]) == ["config.json", "model.safetensors"] for e in entries)
+    # every file of the directory (config, weights, generation config and tokenizer files)
+    assert all(sorted(e["files"]) == sorted(f.name for f in (run / e["path"]).iterdir()) for e in entries)
+    assert all({"config.json", "model.safetensors", "tokenizer.json"} <= set(e["files"]) for e in entries)
     assert all(e["files"]["model.safetensors"] == e["sha256"] for e in entries)
     (run / entries[0]["path"] / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="config.json has sha256 .* but the manifest records"):
