@@ -6,5 +6,9 @@ epistemic uncertainty, NLL, calibration, OOD AUROC); `diagnostics` the convergen
 from the run logs; `report` the plots and the shaded-token HTML.
 
 (Named `evaluation`, not `evaluate`, so that `rtllm.evaluate` stays the function.)
-May import: rtllm.store, rtllm.lm, rtllm.samplers (autocorrelation), torch, numpy, matplotlib.
+`ensemble_lm` is `rtllm.EnsembleForCausalLM` (the BMA as a causal LM, generate), `generation`
+`rtllm generate`'s text and page, `offload` accelerate's dispatch and the OOM back-off.
+
+May import: rtllm.store, rtllm.lm, rtllm.samplers (autocorrelation), torch, numpy, matplotlib,
+accelerate, transformers.
 """
