@@ -8,5 +8,6 @@ helpers; `runlog` the JSON-lines log of a run; `ensemble` reads an ensemble back
 `delta` stores a sample as its offset from the start, quantized with bitsandbytes; `export`
 expands any ensemble into plain directories.
 
-May import: torch, safetensors, bitsandbytes (when compressing or expanding). Knows nothing of samplers, runs or evaluation.
+May import: torch, safetensors, bitsandbytes (when compressing or expanding). Knows nothing of
+samplers, runs or evaluation.
 """
