@@ -37,13 +37,13 @@ def bf16(state: dict) -> dict:
     return {k: v.bfloat16().float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def offset_ratio(ensemble_dir: Path) -> float:
+def offset_ratio(ensemble_dir: Path, model_dir: Path) -> float:
     """rms(x - x_start) / rms(x_start) over the floating tensors, median over samples."""
     from rtllm.store.ensemble import Ensemble
     from safetensors.torch import load_file
 
     ens = Ensemble(ensemble_dir, verify=False)
-    start = load_file(Path(ens.config["model"]) / "model.safetensors")
+    start = load_file(model_dir / "model.safetensors")
     ratios = []
     for _, state in ens:
         num = sum((state[k].double() - start[k].double()).square().sum().item() for k in state)
@@ -112,7 +112,7 @@ def rewrite(src: Path, out: Path, model_dir: Path, fmt: str) -> None:
     copy_tokenizer(model_dir, out)
 
 
-def bench_demo(work: Path, text: Path) -> None:
+def bench_demo(work: Path, text: Path, seq_len: int) -> None:
     from rtllm.evaluation.streaming import evaluate
     from rtllm.store.ensemble import Ensemble
 
@@ -132,15 +132,31 @@ def bench_demo(work: Path, text: Path) -> None:
                 m, r = errors(truth[e["index"]], state)
                 worst, rms = max(worst, m), max(rms, r)
             t0 = time.perf_counter()
-            nll = evaluate(out, [text], seq_len=128).summary["nll_bma"]
-            rows.append((fmt, per_sample, worst, rms, nll, time.perf_counter() - t0))
+            for i in ens.indices:
+                ens.state_dict(i)
+            read_s = (time.perf_counter() - t0) / len(ens)
+            t0 = time.perf_counter()
+            nll = evaluate(out, [text], seq_len=seq_len).summary["nll_bma"]
+            rows.append((fmt, per_sample, worst, rms, nll, time.perf_counter() - t0, read_s))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.randint(0, model.config.vocab_size, (8, seq_len))
+    with torch.inference_mode():
+        model(ids)
+        t0 = time.perf_counter()
+        model(ids)
+        forward_s = time.perf_counter() - t0
     base = rows[1]
-    print(f"Demo ensemble {src} ({len(truth)} samples), BMA NLL on {text.name}\n")
-    print("| samples | bytes / sample | vs bf16 | max abs error | rms error | BMA NLL | vs bf16 | evaluate |")
-    print("|---|---|---|---|---|---|---|---|")
-    for fmt, size, worst, rms, nll, secs in rows:
+    print(f"Demo ensemble {src} ({len(truth)} samples), BMA NLL on {text.name}; one forward of "
+          f"8 x {seq_len} tokens: {forward_s * 1e3:.0f} ms\n")
+    print("| samples | bytes / sample | vs bf16 | max abs error | rms error | BMA NLL | vs bf16 | "
+          "read + expand one sample | vs one forward | evaluate |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for fmt, size, worst, rms, nll, secs, read_s in rows:
         print(f"| {fmt} | {size / 1e3:.0f} kB | {size / base[1]:.3f}x | {worst:.3g} | {rms:.3g} | "
-              f"{nll:.5f} | {nll - base[4]:+.1e} | {secs:.1f} s |")
+              f"{nll:.5f} | {nll - base[4]:+.1e} | {read_s * 1e3:.0f} ms | {read_s / forward_s:.2f}x | "
+              f"{secs:.1f} s |")
 
 
 def main() -> None:
@@ -148,6 +164,7 @@ def main() -> None:
     ap.add_argument("--gpt2", action="store_true", help="the synthetic GPT-2 124M figures")
     ap.add_argument("--demo", type=Path, help="an `rtllm demo --out` directory")
     ap.add_argument("--text", type=Path, help="held-out text for the demo's NLL (default: the demo's held-out play)")
+    ap.add_argument("--seq-len", type=int, default=128, help="tokens per window for the NLL (%(default)s)")
     ap.add_argument("--offset-ratio", type=float, help="GPT-2 offsets, x rms(tensor) (default: the demo's, else 0.05)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -155,9 +172,9 @@ def main() -> None:
     if args.demo:
         from rtllm.lm.corpus import heldout_files
 
-        ratio = ratio or offset_ratio(args.demo / "ensemble")
+        ratio = ratio or offset_ratio(args.demo / "ensemble", args.demo / "model")
         print(f"demo samples' offset from the start: {ratio:.3g} x rms(start) (median over samples)\n")
-        bench_demo(args.demo, args.text or heldout_files()[0])
+        bench_demo(args.demo, args.text or heldout_files()[0], args.seq_len)
     if args.gpt2:
         bench_gpt2(ratio or 0.05)
 
