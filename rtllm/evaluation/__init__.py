@@ -7,6 +7,9 @@ from the run logs; `report` the plots and the shaded-token HTML; `job` one evalu
 output directory, `publish` its staging, completion marker and reuse.
 
 (Named `evaluation`, not `evaluate`, so that `rtllm.evaluate` stays the function.)
+`ensemble_lm` is `rtllm.EnsembleForCausalLM` (the BMA as a causal LM, generate), `generation`
+`rtllm generate`'s text and page, `offload` accelerate's dispatch and the OOM back-off.
+
 May import: rtllm.store, rtllm.lm, rtllm.samplers (autocorrelation), rtllm.state.progress, torch,
-numpy, matplotlib.
+numpy, matplotlib, accelerate, transformers.
 """

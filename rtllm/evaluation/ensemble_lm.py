@@ -10,6 +10,12 @@ samples are tensors, not modules: compressed samples (delta8 / nf4) are held as 
 (1 or 0.5 bytes per weight) next to one copy of the start and expanded one at a time for their
 forward; plain samples are held in the compute dtype. Memory: the start (or first sample), plus
 max_samples x (codes or weights), plus one expanded sample, plus a KV cache per sample.
+
+Samples larger than the device: `from_ensemble(..., max_memory={0: "4GiB", "cpu": ...})` builds
+each sample as its own model and dispatches it with accelerate (rtllm/evaluation/offload.py):
+up to max_memory[device] of each sample's layers on the device, the rest in host memory (or on
+disk under `offload_dir`), moved to the device layer by layer. Host memory then holds every
+sample (max_samples x model bytes, less what is on disk).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from rtllm.evaluation.offload import dispatch_offloaded
 from rtllm.evaluation.streaming import _compute_dtype, load_ensemble_tokenizer, select_samples
 from rtllm.lm.model_io import resolve_device
 from rtllm.store.delta import DeltaCodec, codec_for
@@ -58,7 +65,8 @@ class EnsembleForCausalLM(torch.nn.Module):
 
     main_input_name = "input_ids"
 
-    def __init__(self, model: torch.nn.Module, samples: list[Callable[[], dict[str, Tensor]]],
+    def __init__(self, model: torch.nn.Module,
+                 samples: list[Callable[[], dict[str, Tensor]] | torch.nn.Module],
                  weights: list[float], tokenizer=None) -> None:
         super().__init__()
         if not samples or len(samples) != len(weights):
@@ -81,15 +89,27 @@ class EnsembleForCausalLM(torch.nn.Module):
     @classmethod
     def from_ensemble(cls, ensemble_dir: str | Path, *, max_samples: int | None = None,
                       device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                      mask: Any = None) -> "EnsembleForCausalLM":
+                      mask: Any = None, max_memory: dict | None = None,
+                      offload_dir: str | Path | None = None) -> "EnsembleForCausalLM":
         """The samples of an output directory (`max_samples` of them, evenly spaced; `mask` as
-        in rtllm.evaluate), on `device`; dtype None: the stored one (fp32 on CPU)."""
+        in rtllm.evaluate), on `device`; dtype None: the stored one (fp32 on CPU). With
+        `max_memory` ({device: bytes}, per sample) each sample is dispatched by accelerate,
+        the layers that do not fit offloaded (see the module docstring)."""
         device = resolve_device(device)
         ens = Ensemble(ensemble_dir, verify=True)
         used, _ = select_samples(ens.entries, mask=mask, max_samples=max_samples)
         first = used[0]["index"]
         model = ens.load_model(first, local_files_only=True)
         dtype = dtype or _compute_dtype(getattr(model.config, "dtype", None), device)
+        tokenizer = load_ensemble_tokenizer(ens.out_dir)
+        if max_memory is not None:
+            members = [dispatch_offloaded(
+                ens.load_model(e["index"], dtype=dtype, local_files_only=True).eval(), max_memory,
+                None if offload_dir is None else Path(offload_dir) / f"{e['index']:06d}") for e in used]
+            lm = cls(members[0], members, [e["weight"] for e in used], tokenizer=tokenizer)
+            main = next((d for d in members[0].hf_device_map.values() if d not in ("cpu", "disk")), "cpu")
+            lm.log_weights = lm.log_weights.to(main)  # .to() would undo the dispatch
+            return lm
         model = model.to(device=device, dtype=dtype)
         starts: dict[str, dict[str, Tensor]] = {}  # one per chain in a merged ensemble
         samples = []
@@ -103,8 +123,7 @@ class EnsembleForCausalLM(torch.nn.Module):
                     starts[entry["start"]] = _to(ens.start(entry), device, None)
                 codes = _to(ens.stored(entry["index"]), device, None)
                 samples.append(_Expander(codec, codes, starts[entry["start"]], dtype))
-        return cls(model, samples, [e["weight"] for e in used],
-                   tokenizer=load_ensemble_tokenizer(ens.out_dir))
+        return cls(model, samples, [e["weight"] for e in used], tokenizer=tokenizer).to(device)
 
     @property
     def device(self) -> torch.device:
@@ -131,7 +150,10 @@ class EnsembleForCausalLM(torch.nn.Module):
             call = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
             if past_key_values is not None:
                 call[self._cache_kwarg] = past_key_values[k]
-            out = torch.func.functional_call(self.model, sample(), args=(), kwargs=call, strict=False)
+            if isinstance(sample, torch.nn.Module):  # a dispatched sample: its own model
+                out = sample(**call)
+            else:
+                out = torch.func.functional_call(self.model, sample(), args=(), kwargs=call, strict=False)
             log_p = torch.log_softmax(out.logits.float(), dim=-1)
             weighted = log_p + self.log_weights[k]
             log_bma = weighted if log_bma is None else torch.logaddexp(log_bma, weighted)

@@ -29,6 +29,7 @@ import torch
 
 from rtllm.evaluation import metrics
 from rtllm.lm.data import context_length, pack, read_texts, tokenize_texts
+from rtllm.evaluation.offload import PieceSize, forward_in_pieces
 from rtllm.store.ensemble import Ensemble
 from rtllm.evaluation.metrics import TOKEN_TABLE_KEYS, TokenTable, write_token_table  # noqa: F401 (API)
 from rtllm.lm.model_io import load_tokenizer, resolve_device
@@ -117,7 +118,7 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
     plan = [e["index"] for order in orders for e in order]
     plan = [i for prev, i in zip([used[0]["index"]] + plan, plan) if i != prev]
     loader = SampleLoader(ensemble, plan, model, device, loaded=used[0]["index"])
-    parts = []
+    parts, pieces = [], PieceSize(FORWARD_WINDOWS)
     bar = Progress(len(chunks) * len(used), "evaluate", unit="sample pass", enabled=progress is not None)
     try:
         with torch.inference_mode():
@@ -129,10 +130,11 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
                         loader.load_next()
                     # Forward in cache-sized pieces: one pass over a whole chunk runs its
                     # elementwise layers over gigabytes of activations (~2x slower on CPU).
-                    for w in range(0, len(seqs), FORWARD_WINDOWS):
-                        logits = model(input_ids=seqs[w:w + FORWARD_WINDOWS, :-1], use_cache=False).logits
-                        acc.add_block(logits.reshape(-1, logits.shape[-1]), entry["weight"], w * seq_len)
-                        del logits
+                    # Out of memory: the rest in smaller pieces (offload.forward_in_pieces).
+                    forward_in_pieces(
+                        lambda x: model(input_ids=x[:, :-1], use_cache=False).logits, seqs,
+                        lambda logits, w: acc.add_block(logits.reshape(-1, logits.shape[-1]),
+                                                        entry["weight"], w * seq_len), pieces)
                     acc.close_sample(entry["weight"])
                     bar.update(1)
                 parts.append({k: v.cpu().numpy() for k, v in acc.finalize().items()})

@@ -5,5 +5,9 @@ atomically); `manifest` is ensemble.json (hashes, per-sample records) and the at
 helpers; `runlog` the JSON-lines log of a run; `ensemble` reads an ensemble back lazily
 (`rtllm.Ensemble`, `rtllm.load_sample`).
 
-May import: torch, safetensors. Knows nothing of samplers, runs or evaluation.
+`delta` stores a sample as its offset from the start, quantized with bitsandbytes; `export`
+expands any ensemble into plain directories.
+
+May import: torch, safetensors, bitsandbytes (when compressing or expanding). Knows nothing of
+samplers, runs or evaluation.
 """

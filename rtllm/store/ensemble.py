@@ -107,6 +107,10 @@ class Ensemble:
         entry = self.entry(index)
         if codec_for(entry) is None:
             return AutoModelForCausalLM.from_pretrained(self.path(index), **from_pretrained_kwargs)
+        if from_pretrained_kwargs.get("device_map") is not None:
+            raise ValueError(f"sample {index} is compressed ({entry['format']}); device_map cannot "
+                             f"place it: use rtllm.EnsembleForCausalLM.from_ensemble(max_memory=...) or "
+                             f"rtllm export --format hf first")
         # The start's directory builds the model; the expanded sample replaces its weights.
         model = AutoModelForCausalLM.from_pretrained(self.out_dir / entry["start"],
                                                      **from_pretrained_kwargs)

@@ -78,6 +78,8 @@ def test_writer_and_reader(tiny_model_dir, tmp_path, fmt):
         for k, v in model.state_dict().items():
             if k in state:
                 assert torch.equal(v, state[k]), k
+    with pytest.raises(ValueError, match="device_map cannot place it"):
+        ens.load_model(0, device_map="auto")
     for entry, state in ens:  # iteration expands the samples too
         assert all(torch.equal(v, ens.state_dict(entry["index"])[k]) for k, v in state.items())
 
