@@ -70,6 +70,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--init", help="start from the weights in this directory (same architecture as --model)")
     a("--device", default="auto", help="cpu, cuda, cuda:N or auto (%(default)s)")
     a("--deterministic", action="store_true", help="deterministic CUDA kernels (bit-identical resume on GPU)")
+    a("--shard-state", action="store_true", help="one chain over all torchrun ranks: model and sampler "
+      "state sharded with FSDP2, each rank its share of every minibatch; bit-identical whatever "
+      "the number of ranks at a fixed per-rank batch (docs/sharding.md)")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     a("--overwrite", action="store_true", help="replace an earlier rtllm run in --out")
 
@@ -86,7 +89,8 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
         sample_dtype=args.sample_dtype, activation_checkpoint_every=args.activation_checkpoint_every,
         layout=args.layout, seed=args.seed, device=args.device,
         deterministic=args.deterministic, sampler=args.sampler, L=args.L,
-        tune_phases=tuple(args.tune_phases) if args.tune_phases else None, init=args.init)
+        tune_phases=tuple(args.tune_phases) if args.tune_phases else None, init=args.init,
+        shard_state=args.shard_state)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

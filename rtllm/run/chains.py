@@ -78,6 +78,11 @@ def handshake(settings: dict, launch: Launch, error: str | None) -> None:
         dist.all_gather_object(gathered, {"settings": settings, "error": error})
     finally:
         dist.destroy_process_group()  # no collective after this: the chains are independent
+    check_gathered(gathered)
+
+
+def check_gathered(gathered: list[dict]) -> None:
+    """Every rank's {"settings", "error"}: the same ValueError on every rank unless all agree."""
     for rank, got in enumerate(gathered):
         if got["error"]:
             raise ValueError(f"rank {rank} cannot start: {got['error']}")
@@ -130,6 +135,10 @@ def run_sample(cfg: SampleConfig, *, first_chain: int | None = None, resume: boo
     """`rtllm sample`: one chain in cfg.out (the single-chain layout), or, under torchrun or with
     `first_chain`, chain first_chain + rank in cfg.out/chains/chain-NNN; then a merge attempt.
     Returns the directory the chain was written to."""
+    if cfg.shard_state:  # one chain over all ranks (rtllm.run.sharded_run)
+        from rtllm.run.sharded_run import run_sharded
+
+        return run_sharded(cfg, launch=Launch.from_env(), resume=resume, overwrite=overwrite, log=log)
     launch = Launch.from_env()
     out = cfg.out_dir
     if launch is None and first_chain is None:

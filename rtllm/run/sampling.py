@@ -72,7 +72,7 @@ class SamplingRun:
         self.num_params = sum(p.numel() for _, p in sampled)
         self.scale = cfg.scale_likelihood or self.num_params / (2 * cfg.tolerance)
         self.tolerance = self.num_params / (2 * self.scale)
-        self.sampler = build_sampler(cfg, sampled, self.scale, chain_seed(cfg.seed, cfg.chain))
+        self.sampler = self._build_sampler(sampled)
         start_loss = self._mean_loss([0])
         if not math.isfinite(start_loss):
             raise ValueError(f"the loss is {start_loss} at the starting weights: check the model and "
@@ -98,6 +98,16 @@ class SamplingRun:
         self.log = RunLog(cfg.out_dir / f"log-chain-{cfg.chain:03d}.jsonl")
 
     # -- set-up helpers ---------------------------------------------------------------------
+    def _build_sampler(self, sampled: list):
+        return build_sampler(self.cfg, sampled, self.scale, chain_seed(self.cfg.seed, self.cfg.chain))
+
+    def _make_writer(self) -> SampleWriter:
+        frozen = {n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        return SampleWriter(self.cfg.out_dir, model_config=self.model.config,
+                            named_tensors=self._named_tensors(), frozen=frozen,
+                            sample_dtype=torch.float32 if self.cfg.sample_dtype == "fp32" else None,
+                            run_config=self.manifest_config())
+
     def manifest_config(self) -> dict:
         """What defines the samples; stored in the manifest and in every sample's metadata.
 
@@ -309,11 +319,7 @@ class SamplingRun:
 
     def run(self) -> Path:
         cfg, st = self.cfg, self.state
-        frozen = {n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-        self.writer = SampleWriter(cfg.out_dir, model_config=self.model.config,
-                                   named_tensors=self._named_tensors(), frozen=frozen,
-                                   sample_dtype=torch.float32 if cfg.sample_dtype == "fp32" else None,
-                                   run_config=self.manifest_config())
+        self.writer = self._make_writer()
         with self.writer:
             if st["dt"] is None:
                 st["dt"] = self.choose_dt()
