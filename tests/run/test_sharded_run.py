@@ -96,10 +96,10 @@ def _rank_pid(agent: int, rank: int) -> int | None:
     return None
 
 
-def test_a_killed_rank_and_resume_end_at_the_same_sample(tiny_model_dir, train_file, tmp_path):
-    whole = tmp_path / "whole"
-    done = _sample(2, _args(tiny_model_dir, train_file, whole))
-    assert done.returncode == 0, _why(done)
+def test_a_killed_rank_and_resume_end_at_the_same_sample(tiny_model_dir, train_file, tmp_path,
+                                                         one_thread):
+    whole = tmp_path / "whole"  # the uninterrupted chain: one process, the 2 ranks' parts in turn
+    assert cli_main(["sample", *_args(tiny_model_dir, train_file, whole), "--micro-batch", "3"]) == 0
 
     out = tmp_path / "killed"
     agent = subprocess.Popen(_torchrun_cmd(2, ["-m", "rtllm.cli", "sample",
