@@ -94,9 +94,17 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from rtllm.run.chains import run_sample
+    from rtllm.run.chains import Launch, run_sample
 
-    run_sample(config_from_args(args), first_chain=args.chain, resume=args.resume, overwrite=args.overwrite)
+    cfg = config_from_args(args)
+    if cfg.shard_state and args.chain is not None:
+        raise ValueError("--shard-state runs one chain over all ranks in --out; drop --chain")
+    if cfg.shard_state:  # one chain over all ranks
+        from rtllm.run.sharded_run import run_sharded
+
+        run_sharded(cfg, launch=Launch.from_env(), resume=args.resume, overwrite=args.overwrite)
+        return 0
+    run_sample(cfg, first_chain=args.chain, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 

@@ -135,10 +135,6 @@ def run_sample(cfg: SampleConfig, *, first_chain: int | None = None, resume: boo
     """`rtllm sample`: one chain in cfg.out (the single-chain layout), or, under torchrun or with
     `first_chain`, chain first_chain + rank in cfg.out/chains/chain-NNN; then a merge attempt.
     Returns the directory the chain was written to."""
-    if cfg.shard_state:  # one chain over all ranks (rtllm.run.sharded_run)
-        from rtllm.run.sharded_run import run_sharded
-
-        return run_sharded(cfg, launch=Launch.from_env(), resume=resume, overwrite=overwrite, log=log)
     launch = Launch.from_env()
     out = cfg.out_dir
     if launch is None and first_chain is None:
