@@ -139,3 +139,15 @@ def test_ranks_started_with_different_settings_all_stop(tiny_model_dir, train_fi
     assert text.count("rtllm sample: error: rank 1 was started with other settings than rank 0 "
                       "(seed: 1 vs 0)") == 2, text[-3000:]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--layout", "fp32-split"], "--shard-state does not support --layout fp32-split yet"),
+    (["--params", "h\\.0"], "--shard-state does not support --params yet"),
+    (["--chain", "2"], "--shard-state runs one chain over all ranks in --out; drop --chain"),
+])
+def test_options_it_cannot_shard_fail_with_one_line(extra, message, tiny_model_dir, train_file,
+                                                    tmp_path, capsys):
+    assert cli_main(["sample", *_args(tiny_model_dir, train_file, tmp_path / "o"), *extra]) != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
