@@ -95,6 +95,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--encoding", help="encoding of the text files, e.g. latin-1 (default: UTF-8; text that does not "
       "decode is refused)")
     a("--deterministic", action="store_true", help="deterministic CUDA kernels (bit-identical resume on GPU)")
+    a("--shard-state", action="store_true", help="one chain over all torchrun ranks: model and sampler "
+      "state sharded with FSDP2, each rank its share of every minibatch; bit-identical whatever "
+      "the number of ranks at a fixed per-rank batch (docs/sharding.md)")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     a("--overwrite", action="store_true", help="replace an earlier rtllm run in --out")
 
@@ -121,13 +124,21 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
         layout=args.layout, seed=args.seed, device=args.device,
         deterministic=args.deterministic, sampler=args.sampler, L=args.L,
         tune_phases=tuple(args.tune_phases) if args.tune_phases else None, init=args.init,
-        encoding=args.encoding, mclmc_target=args.mclmc_target)
+        encoding=args.encoding, mclmc_target=args.mclmc_target, shard_state=args.shard_state)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from rtllm.run.chains import run_sample
+    from rtllm.run.chains import Launch, run_sample
 
-    run_sample(config_from_args(args), first_chain=args.chain, resume=args.resume, overwrite=args.overwrite)
+    cfg = config_from_args(args)
+    if cfg.shard_state and args.chain is not None:
+        raise ValueError("--shard-state runs one chain over all ranks in --out; drop --chain")
+    if cfg.shard_state:  # one chain over all ranks
+        from rtllm.run.sharded_run import run_sharded
+
+        run_sharded(cfg, launch=Launch.from_env(), resume=args.resume, overwrite=args.overwrite)
+        return 0
+    run_sample(cfg, first_chain=args.chain, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 

@@ -107,8 +107,8 @@ def format_sharded_plan(plan: ShardedPlan) -> str:
         lines.append(total)
     elif plan.fits is None:
         left = (plan.gpu_mem - plan.total) / GIB
-        lines.append(f"{total} of {plan.gpu_mem / GIB:.1f} GiB before activations: "
-                     f"{left:.2f} GiB left for them")
+        verdict = f"{left:.2f} GiB left for them" if left > 0 else "does not fit"
+        lines.append(f"{total} of {plan.gpu_mem / GIB:.1f} GiB before activations: {verdict}")
     else:
         lines.append(f"{total} of {plan.gpu_mem / GIB:.1f} GiB: "
                      f"{'fits' if plan.fits else 'does not fit'}")

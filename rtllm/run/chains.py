@@ -78,6 +78,11 @@ def handshake(settings: dict, launch: Launch, error: str | None) -> None:
         dist.all_gather_object(gathered, {"settings": settings, "error": error})
     finally:
         dist.destroy_process_group()  # no collective after this: the chains are independent
+    check_gathered(gathered)
+
+
+def check_gathered(gathered: list[dict]) -> None:
+    """Every rank's {"settings", "error"}: the same ValueError on every rank unless all agree."""
     for rank, got in enumerate(gathered):
         if got["error"]:
             raise ValueError(f"rank {rank} cannot start: {got['error']}")

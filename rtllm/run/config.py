@@ -70,6 +70,9 @@ class SampleConfig:
     mclmc_target: str = "unbiased"
     init: str | None = None  # weights to start from (same architecture as `model`), e.g. a MILE member
     encoding: str | None = None  # of the text files; None: UTF-8, strictly (rtllm.lm.data)
+    # One chain over the ranks of a torchrun launch: FSDP2-sharded model and sampler state, exact
+    # per-ray sums (rtllm.state.sharded, rtllm.run.sharded_run); on one process the same chain.
+    shard_state: bool = False
     extra: dict = field(default_factory=dict)  # free-form notes carried into the manifest
 
     def __post_init__(self) -> None:
@@ -139,6 +142,8 @@ class SampleConfig:
             raise ValueError("--sample-dtype fp32 with --layout fp32-split is not supported (the "
                              "position's two planes are not one fp32 tensor to export): use "
                              "--sample-dtype compute, or --layout fp32")
+        if self.shard_state:
+            self._check_shard_state()
         if self.sampler not in ("ray", "mclmc"):
             raise ValueError(f"--sampler must be ray or mclmc, got {self.sampler!r}")
         if self.sampler == "mclmc":
@@ -186,6 +191,17 @@ class SampleConfig:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    def _check_shard_state(self) -> None:
+        unsupported = [(self.layout != "fp32", f"--layout {self.layout}"),
+                       (self.params is not None, "--params"),
+                       (self.sample_dtype != "compute", "--sample-dtype fp32"),
+                       (self.prior_center == "start", "--prior-center start")]
+        named = [name for bad, name in unsupported if bad]
+        if named:
+            raise ValueError(f"--shard-state does not support {', '.join(named)} yet: drop "
+                             f"{'it' if len(named) == 1 else 'them'} (layout fp32, all parameters "
+                             f"sampled, samples in the compute dtype)")
 
     def chain_defining(self) -> dict:
         """The fields that define the chain: a resumed run must agree on all of them."""

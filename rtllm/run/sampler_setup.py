@@ -24,10 +24,12 @@ from rtllm.samplers.optimizers import RayTracer
 MCLMC_START_STEP = 0.03
 
 
-def build_sampler(cfg: SampleConfig, sampled: list, scale: float, seed: int):
+def build_sampler(cfg: SampleConfig, sampled: list, scale: float, seed: int, *, sharded=None):
+    """sharded: a rtllm.state.sharded.ShardedState for --shard-state (FSDP2 parameters)."""
     groups = param_groups_for(sampled, cfg.ray_per)
     common = dict(scale_likelihood=scale, seed=seed, ray="model" if cfg.ray_per == "model" else "group",
-                  prior_scale=cfg.prior_scale, prior_center=cfg.prior_center, layout=cfg.layout)
+                  prior_scale=cfg.prior_scale, prior_center=cfg.prior_center, layout=cfg.layout,
+                  **({} if sharded is None else {"sharded": sharded}))
     if cfg.sampler == "mclmc":
         dim = sum(p.numel() for _, p in sampled)
         return MCLMC(groups, step_size=MCLMC_START_STEP if cfg.dt == "auto" else float(cfg.dt),

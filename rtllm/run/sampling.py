@@ -74,7 +74,7 @@ class SamplingRun:
         self.num_params = sum(p.numel() for _, p in sampled)
         self.scale = run_likelihood_scale(cfg, self.num_params, train_tokens=self.data.train[:, 1:].numel())
         self.tolerance = self.num_params / (2 * self.scale)
-        self.sampler = build_sampler(cfg, sampled, self.scale, chain_seed(cfg.seed, cfg.chain))
+        self.sampler = self._build_sampler(sampled)
         start_loss = self._mean_loss([0])
         if not math.isfinite(start_loss):
             raise ValueError(f"the loss is {start_loss} at the starting weights: check the model and "
@@ -106,6 +106,18 @@ class SamplingRun:
             raise
 
     # -- set-up helpers ---------------------------------------------------------------------
+    def _build_sampler(self, sampled: list):
+        return build_sampler(self.cfg, sampled, self.scale, chain_seed(self.cfg.seed, self.cfg.chain))
+
+    def _make_writer(self) -> SampleWriter:
+        frozen = {n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        return SampleWriter(self.cfg.out_dir, model_config=self.model.config,
+                            named_tensors=self._named_tensors(), frozen=frozen,
+                            sample_dtype=torch.float32 if self.cfg.sample_dtype == "fp32" else None,
+                            run_config=self.manifest_config(),
+                            generation_config=getattr(self.model, "generation_config", None),
+                            sample_format=self.cfg.sample_format)
+
     def manifest_config(self) -> dict:
         """What defines the samples; stored in the manifest and in every sample's metadata.
 
@@ -335,13 +347,7 @@ class SamplingRun:
 
     def run(self) -> Path:
         cfg, st = self.cfg, self.state
-        frozen = {n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-        self.writer = SampleWriter(cfg.out_dir, model_config=self.model.config,
-                                   named_tensors=self._named_tensors(), frozen=frozen,
-                                   sample_dtype=torch.float32 if cfg.sample_dtype == "fp32" else None,
-                                   run_config=self.manifest_config(),
-                                   generation_config=getattr(self.model, "generation_config", None),
-                                   sample_format=cfg.sample_format)
+        self.writer = self._make_writer()
         try:
             with self.writer, stop_on_signals(cfg.out_dir) as self._stop:
                 self._calibrate_guards()

@@ -42,7 +42,7 @@ def _local_piece(p: Tensor) -> tuple[Tensor, int] | None:
     if p.device_mesh.ndim != 1 or not isinstance(placement, ShardPlacement) or placement.dim != 0:
         raise ValueError(f"sharded sampling needs parameters sharded on dimension 0 of a 1-D mesh "
                          f"(fully_shard(model) with its defaults), got placements {p.placements}")
-    local = p.to_local()
+    local = p.to_local().detach()  # the shard storage itself, outside autograd
     # torch.chunk semantics (as fully_shard): rank r holds rows [r*c, (r+1)*c), c = ceil(rows/W)
     rows = p.shape[0]
     per_rank = -(-rows // p.device_mesh.size())
