@@ -289,6 +289,12 @@ def make_backend(name: str, device: torch.device):
 
         backend = _PhiloxBackend(reduce_sums_ref, fused_update_ref_)
     elif name == "triton":
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            # Triton picks compile vs interpret when it is imported: compiled kernels take
+            # CUDA tensors only. Say so now rather than at the first launch.
+            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                             "triton is imported; use backend='reference' (the same noise) or "
+                             "move the model to the GPU")
         if not triton_available():
             raise ValueError("backend='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1 "
                              "for CPU tests); use backend='torch' or 'auto'")

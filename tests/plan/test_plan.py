@@ -20,6 +20,7 @@ from rtllm.plan.memory import (BUILD, CKPT_STAGING, FWD_BWD, GIB, GRADIENTS, NOI
                         plan_memory)
 from rtllm.plan.format import parse_size
 from rtllm.store.writer import SampleWriter
+from triton_cpu import triton_on_cpu
 
 hf_logging.set_verbosity_error()
 
@@ -167,6 +168,7 @@ def test_state_components_equal_the_samplers_buffers(tiny_model_dir, tmp_path, d
         assert p[SAMPLE_BUFFERS] == 2 * writer._nbytes
 
 
+@triton_on_cpu
 def test_kernel_partials_equal_the_triton_reduce():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(gpt2(n_embd=6, n_layer=2, vocab_size=1101, n_positions=16))
