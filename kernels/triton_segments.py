@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_step import BLOCK, _NUM_WARPS, _check_device, _normals_block
+from .triton_step import BLOCK, _NUM_WARPS, _check_device, _normals_block, _update_block
 
 __all__ = ["Segments", "build_segments", "reduce_segments", "update_segments"]
 
@@ -59,22 +59,6 @@ def _full_block(blk, N, OFFSET_MOD: tl.constexpr, BLOCK: tl.constexpr):
         return False
 
 
-@triton.jit
-def _ld(ptrs, mask, other, MASKED: tl.constexpr):
-    if MASKED:
-        return tl.load(ptrs, mask=mask, other=other)
-    else:
-        return tl.load(ptrs)
-
-
-@triton.jit
-def _st(ptrs, value, mask, MASKED: tl.constexpr):
-    if MASKED:
-        tl.store(ptrs, value, mask=mask)
-    else:
-        tl.store(ptrs, value)
-
-
 @triton.jit(do_not_specialize=["seed", "step", "stream"])
 def _reduce_segments_kernel(
     v_base, g_base, table_ptr, block_seg_ptr, block_idx_ptr, part_ptr, seed, step, stream,
@@ -108,34 +92,6 @@ def _reduce_segments_kernel(
         tl.store(out + 5, 0.0)
 
 
-@triton.jit
-def _update_block(x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, idx, mask, coef_row, delta, noise,
-                  NOISE: tl.constexpr, HAS_COMPUTE: tl.constexpr, SPLIT: tl.constexpr,
-                  MASKED: tl.constexpr):
-    if SPLIT:  # as triton_step: the fp32 bits are hi * 2^16 + lo
-        hi = _ld(x_ptr + idx, mask, 0, MASKED).to(tl.int32)
-        lo = _ld(lo_ptr + idx, mask, 0, MASKED).to(tl.int32)
-        x = ((hi << 16) + lo).to(tl.float32, bitcast=True)
-    else:
-        x = _ld(x_ptr + idx, mask, 0.0, MASKED).to(tl.float32)
-    v = _ld(v_ptr + idx, mask, 0.0, MASKED).to(tl.float32)
-    g = _ld(g_ptr + idx, mask, 0.0, MASKED).to(tl.float32)
-    v = tl.load(coef_row + 0) * v + tl.load(coef_row + 1) * g
-    if NOISE:
-        v += tl.load(coef_row + 2) * noise
-    x += delta * v
-    _st(v_ptr + idx, v, mask, MASKED)
-    if SPLIT:
-        bits = x.to(tl.int32, bitcast=True)
-        hi = (bits + 0x8000) >> 16
-        _st(x_ptr + idx, hi.to(tl.int16), mask, MASKED)
-        _st(lo_ptr + idx, (bits - (hi << 16)).to(tl.int16), mask, MASKED)
-    else:
-        _st(x_ptr + idx, x, mask, MASKED)
-    if HAS_COMPUTE:
-        _st(c_ptr + idx, x.to(c_ptr.dtype.element_ty), mask, MASKED)
-
-
 @triton.jit(do_not_specialize=["delta", "seed", "step", "stream"])
 def _update_segments_kernel(
     x_base, lo_base, v_base, g_base, c_base, table_ptr, block_seg_ptr, block_idx_ptr, coef_ptr,
@@ -158,11 +114,13 @@ def _update_segments_kernel(
         noise = _normals_block(seed, step, stream, quad_base + blk * (BLOCK // 4), BLOCK // 4)
     else:
         noise = tl.zeros([BLOCK], dtype=tl.float32)
+    coef = coef_ptr + seg * 3
+    alpha, beta, gamma = tl.load(coef + 0), tl.load(coef + 1), tl.load(coef + 2)
     if _full_block(blk, N, OFFSET_MOD, BLOCK):
-        _update_block(x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, idx, mask, coef_ptr + seg * 3, delta,
+        _update_block(x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, idx, mask, alpha, beta, gamma, delta,
                       noise, NOISE, HAS_COMPUTE, SPLIT, False)
     else:
-        _update_block(x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, idx, mask, coef_ptr + seg * 3, delta,
+        _update_block(x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, idx, mask, alpha, beta, gamma, delta,
                       noise, NOISE, HAS_COMPUTE, SPLIT, True)
 
 
