@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_step import BLOCK, _NUM_WARPS, _check_device, _normals_block, _update_block
+from .triton_step import BLOCK, _NUM_WARPS, _check_device, _normals_block, _store_sums, _update_block
 
 __all__ = ["Segments", "build_segments", "reduce_segments", "update_segments"]
 
@@ -76,20 +76,7 @@ def _reduce_segments_kernel(
     else:
         v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    out = part_ptr + tl.program_id(0).to(tl.int64) * 6
-    tl.store(out + 0, tl.sum(v * v, axis=0))
-    tl.store(out + 1, tl.sum(g * g, axis=0))
-    tl.store(out + 2, tl.sum(v * g, axis=0))
-    if NOISE:
-        n = _normals_block(seed, step, stream, quad_base + blk * (BLOCK // 4), BLOCK // 4)
-        n = tl.where(mask, n, 0.0)
-        tl.store(out + 3, tl.sum(n * n, axis=0))
-        tl.store(out + 4, tl.sum(n * v, axis=0))
-        tl.store(out + 5, tl.sum(n * g, axis=0))
-    else:
-        tl.store(out + 3, 0.0)
-        tl.store(out + 4, 0.0)
-        tl.store(out + 5, 0.0)
+    _store_sums(part_ptr, v, g, mask, seed, step, stream, quad_base + blk * (BLOCK // 4), NOISE, BLOCK)
 
 
 @triton.jit(do_not_specialize=["delta", "seed", "step", "stream"])

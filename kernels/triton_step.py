@@ -82,6 +82,13 @@ def _reduce_sums_kernel(
     idx, mask, quad0 = _block_index(quad_base, N, OFFSET_MOD, BLOCK)
     v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    _store_sums(part_ptr, v, g, mask, seed, step, stream, quad0, NOISE, BLOCK)
+
+
+@triton.jit
+def _store_sums(part_ptr, v, g, mask, seed, step, stream, quad0, NOISE: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """This program's row of fp32 partials (vv, gg, vg, nn, nv, ng); shared with triton_segments."""
     row = part_ptr + tl.program_id(0).to(tl.int64) * 6
     tl.store(row + 0, tl.sum(v * v, axis=0))
     tl.store(row + 1, tl.sum(g * g, axis=0))
