@@ -340,12 +340,12 @@ def _prior_temporaries(shards, center: str | None, a: int) -> int:
 
 
 def _sample_buffer_bytes(shape: ModelShape, a: int, sample_dtype: str, cuda: bool) -> int:
-    """SampleWriter's host buffers; pinned ones are rounded up to a power of two by torch."""
+    """SampleWriter's host buffers, pinned at their exact size (rtllm.store.pinned)."""
     from rtllm.store.writer import SampleWriter
 
     pending = inspect.signature(SampleWriter.__init__).parameters["max_pending"].default
     one = shape.sample_numel * (4 if sample_dtype == "fp32" else a)
-    return pending * (1 << (one - 1).bit_length() if cuda else one)
+    return pending * one
 
 
 # -- inputs ------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from rtllm.store.manifest import (  # noqa: F401 (re-exported: the storage API)
     MANIFEST, SAMPLES, SCHEMA_VERSION, WEIGHTS, Manifest, _fsync_dir, _json_normal, atomic_write_bytes,
     atomic_write_json, check_free_disk, copy_tokenizer, estimate_run_disk, rtllm_version, sha256_file)
 from rtllm.store.manifest import _CHUNK, _ST_DTYPES, _TMP_PREFIX
+from rtllm.store.pinned import pinned_empty
 
 
 # -- safetensors layout ---------------------------------------------------------------------------
@@ -285,7 +286,9 @@ class SampleWriter:
                     raise RuntimeError("the sample writer thread died") from self._error
 
     def _new_buffer(self) -> _Buffer:
-        data = torch.empty(self._nbytes, dtype=torch.uint8, pin_memory=self._device is not None)
+        # Pinned at its exact size (torch's pinned allocator would round it up to a power of two).
+        data = pinned_empty(self._nbytes) if self._device is not None else \
+            torch.empty(self._nbytes, dtype=torch.uint8)
         views = [data[s.begin:s.end].view(s.dtype).view(s.shape) for s in self._slots]
         with torch.no_grad():
             for s, view in zip(self._slots, views):

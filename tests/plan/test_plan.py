@@ -51,8 +51,8 @@ def test_tiny_gpt2_by_hand():
     # their float64 copy; every CUDA allocation rounds up to 512 bytes (partials, their copy,
     # the shard's float64 sums, their stack)
     assert plan.transients[STEP]["kernel partials"] == 512 + 512 + 512 + 512
-    # two pinned sample buffers of 1000 bf16 values, each rounded up to a power of two
-    assert plan.host[SAMPLE_BUFFERS] == 2 * 2048
+    # two pinned sample buffers of 1000 bf16 values, at their exact size (rtllm.store.pinned)
+    assert plan.host[SAMPLE_BUFFERS] == 2 * 2000
     assert plan.host[CKPT_STAGING] == 4000 + 4000 + 2000  # x, v and the prior center
     assert plan.fits is True
     cpu = plan_memory(gpt2(), batch=1, seq=4, device="cpu")
