@@ -7,11 +7,12 @@ allocation is) unless the name says otherwise; "misaligned" shards start at offs
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
-from . import triton_step
+from . import triton_segments, triton_step
 
 N = 4096
 KEY = dict(seed=0x5EED_0000_1234, step=7, stream=1)
@@ -50,6 +51,28 @@ def _velocity_draw() -> None:
                               seed=KEY["seed"], step=0, stream=0, offset=0, noise=True)
 
 
+def _segments(grad: str, compute: str | None, *, split: bool = False, mod: int = 0):
+    """Two shards of one kind, as rtllm.state.segment_launch groups them."""
+    shards = [SimpleNamespace(**dict(zip(("x", "v", "g", "compute", "x_lo"), _state(grad, compute, split))))
+              for _ in range(2)]
+    return triton_segments.build_segments(shards, [4 + mod, 4 + N + 4 + mod])
+
+
+def _segment_reduce(grad: str, noise: bool, mod: int = 0) -> Callable[[], None]:
+    def launch() -> None:
+        triton_segments.reduce_segments(_segments(grad, None, mod=mod), noise=noise, **KEY)
+    return launch
+
+
+def _segment_update(grad: str, compute: str | None, noise: bool, *, split: bool = False,
+                    mod: int = 0) -> Callable[[], None]:
+    def launch() -> None:
+        coef = torch.zeros((2, 3))
+        triton_segments.update_segments(_segments(grad, compute, split=split, mod=mod), coef,
+                                        delta=0.05, noise=noise, **KEY)
+    return launch
+
+
 VARIANTS: dict[str, Callable[[], None]] = {
     **{f"reduce grad={g} noise": _reduce(g, True) for g in _DTYPES},
     "reduce grad=fp32 no-noise": _reduce("fp32", False),
@@ -63,4 +86,13 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "update offset>2^32 64-bit key": _update("bf16", "bf16", True, offset=2**33 + 4096, key=BIG_KEY),
     "reduce misaligned": _reduce("fp32", True, offset=4097),
     "update misaligned": _update("fp32", None, True, offset=4097),
+    **{f"segments reduce grad={g} noise": _segment_reduce(g, True) for g in _DTYPES},
+    "segments reduce grad=fp32 no-noise": _segment_reduce("fp32", False),
+    **{f"segments update grad={g} compute={c} noise": _segment_update(g, c, True)
+       for g in _DTYPES for c in (None, "fp32", "bf16", "fp16")},
+    "segments update grad=fp32 compute=None no-noise": _segment_update("fp32", None, False),
+    "segments update grad=bf16 fp32-split noise": _segment_update("bf16", None, True, split=True),
+    "segments update grad=bf16 fp32-split no-noise": _segment_update("bf16", None, False, split=True),
+    "segments reduce misaligned": _segment_reduce("fp32", True, mod=1),
+    "segments update misaligned": _segment_update("fp32", None, True, mod=1),
 }

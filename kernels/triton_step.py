@@ -82,6 +82,13 @@ def _reduce_sums_kernel(
     idx, mask, quad0 = _block_index(quad_base, N, OFFSET_MOD, BLOCK)
     v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    _store_sums(part_ptr, v, g, mask, seed, step, stream, quad0, NOISE, BLOCK)
+
+
+@triton.jit
+def _store_sums(part_ptr, v, g, mask, seed, step, stream, quad0, NOISE: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """This program's row of fp32 partials (vv, gg, vg, nn, nv, ng); shared with triton_segments."""
     row = part_ptr + tl.program_id(0).to(tl.int64) * 6
     tl.store(row + 0, tl.sum(v * v, axis=0))
     tl.store(row + 1, tl.sum(g * g, axis=0))
@@ -98,6 +105,52 @@ def _reduce_sums_kernel(
         tl.store(row + 5, 0.0)
 
 
+@triton.jit
+def _ld(ptrs, mask, other, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptrs, mask=mask, other=other)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _st(ptrs, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptrs, value, mask=mask)
+    else:
+        tl.store(ptrs, value)
+
+
+@triton.jit
+def _update_block(x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, idx, mask, alpha, beta, gamma, delta, noise,
+                  NOISE: tl.constexpr, HAS_COMPUTE: tl.constexpr, SPLIT: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """The update of one block given its noise; MASKED False: every element is in the shard
+    (no mask, so aligned blocks get vector accesses). Shared with triton_segments."""
+    if SPLIT:  # x_ptr: the high plane read as int16; the fp32 bits are hi * 2^16 + lo
+        hi = _ld(x_ptr + idx, mask, 0, MASKED).to(tl.int32)
+        lo = _ld(lo_ptr + idx, mask, 0, MASKED).to(tl.int32)
+        x = ((hi << 16) + lo).to(tl.float32, bitcast=True)
+    else:
+        x = _ld(x_ptr + idx, mask, 0.0, MASKED).to(tl.float32)
+    v = _ld(v_ptr + idx, mask, 0.0, MASKED).to(tl.float32)
+    g = _ld(g_ptr + idx, mask, 0.0, MASKED).to(tl.float32)
+    v = alpha * v + beta * g
+    if NOISE:
+        v += gamma * noise
+    x += delta * v
+    _st(v_ptr + idx, v, mask, MASKED)
+    if SPLIT:  # as reference.split_fp32: high half rounded half away from zero, signed remainder
+        bits = x.to(tl.int32, bitcast=True)
+        hi = (bits + 0x8000) >> 16
+        _st(x_ptr + idx, hi.to(tl.int16), mask, MASKED)
+        _st(lo_ptr + idx, (bits - (hi << 16)).to(tl.int16), mask, MASKED)
+    else:
+        _st(x_ptr + idx, x, mask, MASKED)
+    if HAS_COMPUTE:
+        _st(c_ptr + idx, x.to(c_ptr.dtype.element_ty), mask, MASKED)
+
+
 @triton.jit(do_not_specialize=_NOISE_ARGS)
 def _fused_update_kernel(
     x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, N, alpha, beta, gamma, delta, seed, step, stream, quad_base,
@@ -105,28 +158,12 @@ def _fused_update_kernel(
     BLOCK: tl.constexpr,
 ):
     idx, mask, quad0 = _block_index(quad_base, N, OFFSET_MOD, BLOCK)
-    if SPLIT:  # x_ptr: the high plane read as int16; the fp32 bits are hi * 2^16 + lo
-        hi = tl.load(x_ptr + idx, mask=mask, other=0).to(tl.int32)
-        lo = tl.load(lo_ptr + idx, mask=mask, other=0).to(tl.int32)
-        x = ((hi << 16) + lo).to(tl.float32, bitcast=True)
-    else:
-        x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    v = alpha * v + beta * g
     if NOISE:
-        v += gamma * _normals_block(seed, step, stream, quad0, BLOCK // 4)
-    x += delta * v
-    tl.store(v_ptr + idx, v, mask=mask)
-    if SPLIT:  # as reference.split_fp32: high half rounded half away from zero, signed remainder
-        bits = x.to(tl.int32, bitcast=True)
-        hi = (bits + 0x8000) >> 16
-        tl.store(x_ptr + idx, hi.to(tl.int16), mask=mask)
-        tl.store(lo_ptr + idx, (bits - (hi << 16)).to(tl.int16), mask=mask)
+        noise = _normals_block(seed, step, stream, quad0, BLOCK // 4)
     else:
-        tl.store(x_ptr + idx, x, mask=mask)
-    if HAS_COMPUTE:
-        tl.store(c_ptr + idx, x.to(c_ptr.dtype.element_ty), mask=mask)
+        noise = tl.zeros([BLOCK], dtype=tl.float32)
+    _update_block(x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, idx, mask, alpha, beta, gamma, delta, noise,
+                  NOISE, HAS_COMPUTE, SPLIT, True)
 
 
 def _interpreting() -> bool:

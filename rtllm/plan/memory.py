@@ -283,14 +283,20 @@ def plan_all_layouts(config, **kwargs) -> list[MemoryPlan]:
 def kernel_partials_bytes(shards, backend: str, *, cuda: bool = False) -> int:
     """The largest partial-sum buffer of one shard's reduce pass; shards: [(elements, offset)].
 
-    triton: [blocks, 6] fp32, a block being BLOCK global elements aligned to the Philox quad
-    grid (kernels/triton_step.py). torch: the per-task [pieces, 6] fp32 stacks and their
-    concatenation, a piece being the shard's part of one CHUNK of the global index.
+    triton: one reduce launch per kind of shard (rtllm.state.segment_launch; the kind is
+    offset % 4 here, the sampled parameters sharing their dtypes): [blocks, 6] fp32 partials over
+    the kind's shards and their float64 copy for the per-shard sums, a block being BLOCK global
+    elements aligned to the Philox quad grid (kernels/triton_segments.py). torch: the per-task
+    [pieces, 6] fp32 stacks and their concatenation, a piece being the shard's part of one CHUNK
+    of the global index.
     """
     if backend == "triton":
         from rtllm.kernels import BLOCK
 
-        return max(_block(-(-(n + off % 4) // BLOCK) * 6 * 4, cuda) for n, off in shards)
+        blocks: dict[int, int] = {}
+        for n, off in shards:
+            blocks[off % 4] = blocks.get(off % 4, 0) + -(-(n + off % 4) // BLOCK)
+        return max(_block(b * 6 * 4, cuda) + _block(b * 6 * 8, cuda) for b in blocks.values())
     from rtllm.state.backends import CHUNK
 
     return max(2 * (-(-(off + n) // CHUNK) - off // CHUNK) * 6 * 4 for n, off in shards)
@@ -336,12 +342,12 @@ def _prior_temporaries(shards, center: str | None, a: int) -> int:
 
 
 def _sample_buffer_bytes(shape: ModelShape, a: int, sample_dtype: str, cuda: bool) -> int:
-    """SampleWriter's host buffers; pinned ones are rounded up to a power of two by torch."""
+    """SampleWriter's host buffers, pinned at their exact size (rtllm.store.pinned)."""
     from rtllm.store.writer import SampleWriter
 
     pending = inspect.signature(SampleWriter.__init__).parameters["max_pending"].default
     one = shape.sample_numel * (4 if sample_dtype == "fp32" else a)
-    return pending * (1 << (one - 1).bit_length() if cuda else one)
+    return pending * one
 
 
 # -- inputs ------------------------------------------------------------------------------------------

@@ -259,13 +259,10 @@ class FlatSampler(torch.optim.Optimizer):
         if self.sharded is not None:  # exact sums, all-reduced over the ranks
             return self.sharded.ray_sums(self._flat, self._ray_of_group, len(self.ray_dims),
                                          self.backend, key)
-        shard_sums, shard_rays = [], []
-        for fg, ray in zip(self._flat, self._ray_of_group):
-            for shard in fg.shards:
-                shard_sums.append(self.backend.reduce(shard, **key))
-                shard_rays.append(ray)
+        shards, shard_rays = self._shards_and_rays()
+        # All shards in one call: the Triton backend launches once per kind of shard, not per ray.
         # The one host sync of the step: the scalar rule needs the sums.
-        sums = torch.stack(shard_sums).to("cpu", torch.float64).numpy()
+        sums = self.backend.reduce_shards(shards, **key).to("cpu", torch.float64).numpy()
         ray_sums = np.zeros((len(self.ray_dims), 6))
         np.add.at(ray_sums, shard_rays, sums)
         return ray_sums
@@ -276,9 +273,14 @@ class FlatSampler(torch.optim.Optimizer):
         # fp32 resolution, and as fp32 subnormals they slow elementwise CPU kernels ~10x.
         alpha, beta, gamma = (np.where(np.abs(c) < 1e-30, 0.0, c).tolist()
                               for c in (coef.alpha, coef.beta, coef.gamma))
-        for fg, ray in zip(self._flat, self._ray_of_group):
-            for shard in fg.shards:
-                self.backend.update(shard, alpha[ray], beta[ray], gamma[ray], float(coef.delta), **key)
+        shards, rays = self._shards_and_rays()
+        self.backend.update_shards(shards, [alpha[r] for r in rays], [beta[r] for r in rays],
+                                   [gamma[r] for r in rays], float(coef.delta), **key)
+
+    def _shards_and_rays(self) -> tuple[list, list[int]]:
+        """Every shard, and the ray each belongs to."""
+        pairs = [(shard, ray) for fg, ray in zip(self._flat, self._ray_of_group) for shard in fg.shards]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -44,10 +44,11 @@ class GaussianPrior:
     def neg_log_density(self, shards: list[Shard]) -> float:
         """|x - center|^2 / (2 sigma^2) (up to a constant), accumulated in float64: the prior's
         part of the potential energy MCLMC tracks."""
-        total = 0.0
+        total = None  # accumulated on the device: one host sync per call, not one per chunk
         for _, _, diff in self._diffs(shards):
-            total += float(torch.sum(diff * diff, dtype=torch.float64))
-        return total / (2 * self.scale**2)
+            part = torch.sum(diff * diff, dtype=torch.float64)
+            total = part if total is None else total.add_(part)
+        return (0.0 if total is None else float(total)) / (2 * self.scale**2)
 
     def state_dict(self) -> dict:
         return {"scale": self.scale, "center": self.center, "centers": self._centers}

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from rtllm.state.flat import Shard
+from rtllm.state.segment_launch import SegmentLauncher, on_device
 from rtllm.kernels.reference import join_fp32, split_fp32
 
 # torch backend: elements per noise chunk and per work item. Small enough to stay in cache and
@@ -174,6 +175,17 @@ class TorchBackend:
             if shard.compute is not None:
                 shard.compute[sl].copy_(shard.x[sl])
 
+    def reduce_shards(self, shards: list[Shard], **key) -> Tensor:
+        """float64 [len(shards), 6]: the reduce pass of every shard (one after another here)."""
+        return torch.stack([self.reduce(shard, **key) for shard in shards]) if shards else \
+            torch.zeros((0, 6), dtype=torch.float64)
+
+    def update_shards(self, shards: list[Shard], alpha: list[float], beta: list[float],
+                      gamma: list[float], delta: float, **key) -> None:
+        """The update pass of every shard i with coefficients (alpha[i], beta[i], gamma[i])."""
+        for shard, a, b, c in zip(shards, alpha, beta, gamma):
+            self.update(shard, a, b, c, delta, **key)
+
     def draw_velocity(self, shard: Shard, *, seed: int, stream: int, scale: float) -> None:
         for start, n, chunk, within in self._pieces(shard):
             self._draw(shard.v[start : start + n], shard, chunk, within, (seed, 0, stream))
@@ -214,21 +226,46 @@ class _PhiloxBackend:
         self._reduce, self._update = reduce_fn, update_fn
 
     def reduce(self, shard: Shard, *, seed: int, step: int, stream: int, noise: bool) -> Tensor:
-        return self._reduce(shard.v, shard.g, seed=seed, step=step, stream=stream,
-                            offset=shard.offset, noise=noise)
+        with on_device(shard.v):
+            return self._reduce(shard.v, shard.g, seed=seed, step=step, stream=stream,
+                                offset=shard.offset, noise=noise)
 
     def update(self, shard: Shard, alpha: float, beta: float, gamma: float, delta: float, *,
                seed: int, step: int, stream: int, noise: bool) -> None:
-        self._update(shard.x, shard.v, shard.g, shard.compute, x_lo=shard.x_lo, alpha=alpha,
-                     beta=beta, gamma=gamma, delta=delta, seed=seed, step=step, stream=stream,
-                     offset=shard.offset, noise=noise and gamma != 0.0)
+        with on_device(shard.v):
+            self._update(shard.x, shard.v, shard.g, shard.compute, x_lo=shard.x_lo, alpha=alpha,
+                         beta=beta, gamma=gamma, delta=delta, seed=seed, step=step, stream=stream,
+                         offset=shard.offset, noise=noise and gamma != 0.0)
+
+    def reduce_shards(self, shards: list[Shard], **key) -> Tensor:
+        return TorchBackend.reduce_shards(self, shards, **key)
+
+    def update_shards(self, shards: list[Shard], alpha: list[float], beta: list[float],
+                      gamma: list[float], delta: float, **key) -> None:
+        TorchBackend.update_shards(self, shards, alpha, beta, gamma, delta, **key)
 
     def draw_velocity(self, shard: Shard, *, seed: int, stream: int, scale: float) -> None:
         # v <- scale * n through the update pass (alpha = beta = delta = 0 leaves x as it is).
         shard.v.zero_()
-        self._update(shard.x, shard.v, shard.v, None, x_lo=shard.x_lo, alpha=0.0, beta=0.0,
-                     gamma=scale, delta=0.0, seed=seed, step=0, stream=stream,
-                     offset=shard.offset, noise=True)
+        with on_device(shard.v):
+            self._update(shard.x, shard.v, shard.v, None, x_lo=shard.x_lo, alpha=0.0, beta=0.0,
+                         gamma=scale, delta=0.0, seed=seed, step=0, stream=stream,
+                         offset=shard.offset, noise=True)
+
+
+class _TritonBackend(_PhiloxBackend):
+    """The fused kernels; a pass over many shards is one launch per kind of shard (segment_launch)."""
+
+    def __init__(self, reduce_fn, update_fn) -> None:
+        super().__init__(reduce_fn, update_fn)
+        self.segments = SegmentLauncher()
+
+    def reduce_shards(self, shards: list[Shard], **key) -> Tensor:
+        return self.segments.reduce(shards, **key)
+
+    def update_shards(self, shards: list[Shard], alpha: list[float], beta: list[float],
+                      gamma: list[float], delta: float, **key) -> None:
+        self.segments.update(shards, alpha, beta, gamma, delta, **key)
 
 
 def triton_available() -> bool:
@@ -252,12 +289,18 @@ def make_backend(name: str, device: torch.device):
 
         backend = _PhiloxBackend(reduce_sums_ref, fused_update_ref_)
     elif name == "triton":
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            # Triton picks compile vs interpret when it is imported: compiled kernels take
+            # CUDA tensors only. Say so now rather than at the first launch.
+            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                             "triton is imported; use backend='reference' (the same noise) or "
+                             "move the model to the GPU")
         if not triton_available():
             raise ValueError("backend='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1 "
                              "for CPU tests); use backend='torch' or 'auto'")
         from rtllm.kernels.triton_step import fused_update_, reduce_sums
 
-        backend = _PhiloxBackend(reduce_sums, fused_update_)
+        backend = _TritonBackend(reduce_sums, fused_update_)
     else:
         raise ValueError(f"backend must be 'auto', 'torch', 'triton' or 'reference', got {name!r}")
     backend.name = name

@@ -41,6 +41,7 @@ from rtllm.store.manifest import (  # noqa: F401 (re-exported: the storage API)
 from rtllm.store.manifest import _CHUNK, _ST_DTYPES, _TMP_PREFIX
 from rtllm.store.sample_dir import GENERATION_CONFIG, link_or_copy, sample_dir_companions
 from rtllm.store.delta import PLAIN, DeltaCodec, ensure_start
+from rtllm.store.pinned import pinned_empty
 
 
 # -- safetensors layout ---------------------------------------------------------------------------
@@ -300,7 +301,9 @@ class SampleWriter:
                     raise RuntimeError("the sample writer thread died") from self._error
 
     def _new_buffer(self) -> _Buffer:
-        data = torch.empty(self._nbytes, dtype=torch.uint8, pin_memory=self._device is not None)
+        # Pinned at its exact size (torch's pinned allocator would round it up to a power of two).
+        data = pinned_empty(self._nbytes) if self._device is not None else \
+            torch.empty(self._nbytes, dtype=torch.uint8)
         views = [data[s.begin:s.end].view(s.dtype).view(s.shape) for s in self._slots]
         with torch.no_grad():
             for s, view in zip(self._slots, views):

@@ -20,6 +20,7 @@ from rtllm.plan.memory import (BUILD, CKPT_STAGING, FWD_BWD, GIB, GRADIENTS, NOI
                         plan_memory)
 from rtllm.plan.format import parse_size
 from rtllm.store.writer import SampleWriter
+from triton_cpu import triton_on_cpu
 
 hf_logging.set_verbosity_error()
 
@@ -46,11 +47,12 @@ def test_tiny_gpt2_by_hand():
     c = plan.persistent
     assert (c[WEIGHTS], c[POSITION], c[VELOCITY], c[GRADIENTS], c[PRIOR]) == (2000, 4000, 4000, 2000, 2000)
     assert plan.transients[BUILD] == {"loaded weights (until copied)": 2000}
-    # one shard of 1000 elements at offset 0: one 1024-element block of 6 fp32 partials; every
-    # CUDA allocation rounds up to 512 bytes (partials, the shard's float64 sums, their stack)
-    assert plan.transients[STEP]["kernel partials"] == 512 + 512 + 512
-    # two pinned sample buffers of 1000 bf16 values, each rounded up to a power of two
-    assert plan.host[SAMPLE_BUFFERS] == 2 * 2048
+    # one shard of 1000 elements at offset 0: one 1024-element block of 6 fp32 partials and
+    # their float64 copy; every CUDA allocation rounds up to 512 bytes (partials, their copy,
+    # the shard's float64 sums, their stack)
+    assert plan.transients[STEP]["kernel partials"] == 512 + 512 + 512 + 512
+    # two pinned sample buffers of 1000 bf16 values, at their exact size (rtllm.store.pinned)
+    assert plan.host[SAMPLE_BUFFERS] == 2 * 2000
     assert plan.host[CKPT_STAGING] == 4000 + 4000 + 2000  # x, v and the prior center
     assert plan.fits is True
     cpu = plan_memory(gpt2(), batch=1, seq=4, device="cpu")
@@ -113,17 +115,21 @@ def test_bad_input_is_refused():
 
 # -- against a real sampler -------------------------------------------------------------------------
 class _PartialBuffers(TorchDispatchMode):
-    """Records the [blocks, 6] fp32 buffers the Triton reduce pass allocates."""
+    """Records the [blocks, 6] fp32 buffers the Triton reduce pass allocates (sizes) and the
+    float64 copies it sums per shard (copies)."""
 
     def __init__(self):
         super().__init__()
-        self.sizes = []
+        self.sizes, self.copies = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.aten.empty.memory_format and out.dtype == torch.float32 \
                 and out.dim() == 2 and out.shape[1] == 6:
             self.sizes.append(out.nbytes)
+        if func is torch.ops.aten._to_copy.default and out.dtype == torch.float64 \
+                and out.dim() == 2 and out.shape[1] == 6 and args[0].dtype == torch.float32:
+            self.copies.append(out.nbytes)
         return out
 
 
@@ -162,6 +168,7 @@ def test_state_components_equal_the_samplers_buffers(tiny_model_dir, tmp_path, d
         assert p[SAMPLE_BUFFERS] == 2 * writer._nbytes
 
 
+@triton_on_cpu
 def test_kernel_partials_equal_the_triton_reduce():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(gpt2(n_embd=6, n_layer=2, vocab_size=1101, n_positions=16))
@@ -174,8 +181,8 @@ def test_kernel_partials_equal_the_triton_reduce():
     lm_loss(model, ids[:, :-1], ids[:, 1:]).backward()
     with _PartialBuffers() as seen:
         sampler.step()
-    assert len(seen.sizes) == len(shards)
-    assert max(seen.sizes) == kernel_partials_bytes(shards, "triton")
+    assert len(seen.sizes) == len(seen.copies) == len({off % 4 for _, off in shards})  # a launch per kind
+    assert max(a + b for a, b in zip(seen.sizes, seen.copies)) == kernel_partials_bytes(shards, "triton")
 
 
 # -- activations against measured allocations -------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 import rtllm
 from rtllm.samplers import rules
 from rtllm.samplers.trajectory import MCLMCChains, sample_mclmc
+from triton_cpu import triton_on_cpu
 
 EPS = np.finfo(np.float64).eps
 mp = mpmath.MPContext()
@@ -400,6 +401,7 @@ def test_state_dict_resumes_exactly_mid_step():
         opt2.load_state_dict(rtllm.RayTracer(Gaussian().parameters(), dt=0.1).state_dict())
 
 
+@triton_on_cpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_kernels_run_mclmc_as_their_reference(dtype):
     """The same scalar rules through the fused Triton kernels (interpreter on CPU) and their

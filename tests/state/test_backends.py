@@ -5,6 +5,7 @@ import torch
 
 import rtllm
 from rtllm.state.backends import CHUNK
+from triton_cpu import triton_on_cpu
 
 
 def model_and_data(dtype):
@@ -25,6 +26,7 @@ def chain(backend, steps, dtype=torch.float32, cls=rtllm.RayTracer, **kw):
     return opt._flat[0].shards[0].x.clone(), start, opt
 
 
+@triton_on_cpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cls", [rtllm.RayTracer, rtllm.HMC])
 def test_triton_matches_reference_one_step_tightly_ten_steps_loosely(dtype, cls):
@@ -44,6 +46,7 @@ def test_triton_matches_reference_one_step_tightly_ten_steps_loosely(dtype, cls)
     assert ot.ln_luminosity == pytest.approx(orf.ln_luminosity, rel=10 * tol, abs=1e-6)
 
 
+@triton_on_cpu
 def test_triton_initial_velocity_is_the_philox_stream():
     _, _, ot = chain("triton", 0)
     _, _, orf = chain("reference", 0)
@@ -73,3 +76,21 @@ def test_torch_backend_noise_is_sharding_invariant_across_chunks():
     # sd of the sample variance sqrt(2/n) ~ 2.7e-3; 5 sigma.
     assert abs(float(v.var()) - 1.0) < 0.014
     assert abs(float(v.mean())) < 5 / n**0.5
+
+
+def test_triton_on_cpu_without_the_interpreter_fails_at_once_with_what_to_do():
+    """As on a GPU host (TRITON_INTERPRET unset): a CPU model asking for backend='triton' gets
+    one clear line when the sampler is built, not an error at the first launch."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, rtllm\n"
+            "try:\n"
+            "    rtllm.RayTracer([torch.nn.Parameter(torch.zeros(8))], dt=0.1, backend='triton')\n"
+            "except ValueError as e:\n"
+            "    print('ValueError:', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "ValueError: backend='triton' on CPU tensors needs TRITON_INTERPRET=1" in out.stdout, out.stderr[-2000:]
+    assert "backend='reference'" in out.stdout
