@@ -88,7 +88,7 @@ class SamplingRun:
         self.state = dict(step=0, cursor=0, dt=None, L=None, dt_trials=[], prev_loss=None, flagged=[],
                           undo=undo, burn_in=None if auto_burn_in else cfg.burn_in, burn_in_heldout=[])
         self._check_disk()  # before --overwrite removes anything
-        self._lock = prepare_out_dir(cfg, resume, overwrite)  # held until run() ends
+        self._lock = self._claim_out_dir(resume, overwrite)  # held until run() ends
         try:
             self.ckpt_path = checkpoint_path(cfg.out_dir, cfg.chain)
             self._backup = self._make_backup() if undo else None
@@ -106,6 +106,9 @@ class SamplingRun:
             raise
 
     # -- set-up helpers ---------------------------------------------------------------------
+    def _claim_out_dir(self, resume: bool, overwrite: bool):
+        return prepare_out_dir(self.cfg, resume, overwrite)
+
     def _build_sampler(self, sampled: list):
         return build_sampler(self.cfg, sampled, self.scale, chain_seed(self.cfg.seed, self.cfg.chain))
 

@@ -47,7 +47,8 @@ class ShardedSamplingRun(SamplingRun):
     """A SamplingRun whose model and sampler state are sharded over the default process group
     (or, without one, the same exact-sum chain on one process)."""
 
-    def __init__(self, cfg: SampleConfig, **kwargs) -> None:
+    def __init__(self, cfg: SampleConfig, *, held_lock=None, **kwargs) -> None:
+        self._held_lock = held_lock  # under torchrun: rank 0 claimed the output directory for all
         self.distributed = dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
@@ -61,6 +62,12 @@ class ShardedSamplingRun(SamplingRun):
         self.state["world_size"] = self.world
 
     # -- set-up -----------------------------------------------------------------------------
+    def _claim_out_dir(self, resume: bool, overwrite: bool):
+        if not self.distributed:
+            return super()._claim_out_dir(resume, overwrite)
+        self.cfg.out_dir.mkdir(parents=True, exist_ok=True)  # rank r > 0: OUT/ranks/rank-RR
+        return self._held_lock or _NotHeld()
+
     def _build_sampler(self, sampled: list):
         if self.distributed:
             shard_model(self.model)
@@ -189,6 +196,13 @@ class ShardedSamplingRun(SamplingRun):
             self.ckpt_path = real
 
 
+class _NotHeld:
+    """Ranks > 0 hold no lock of their own: rank 0's lock on OUT covers OUT/ranks/ too."""
+
+    def release(self) -> None:
+        pass
+
+
 def _previous(path: Path) -> Path:
     return path.with_name(path.stem + ".previous" + path.suffix)
 
@@ -248,15 +262,14 @@ def run_sharded(cfg: SampleConfig, *, launch: Launch | None, resume: bool, overw
         dist.all_gather_object(gathered, {"settings": {**cfg.to_json(), "resume": resume,
                                                        "overwrite": overwrite}, "error": error})
         check_gathered(gathered)
-        if launch.rank == 0:
-            prepare_out_dir(cfg, resume, overwrite)
+        lock = prepare_out_dir(cfg, resume, overwrite) if launch.rank == 0 else None
         dist.barrier()
         # the chain is that of one process taking the ranks' parts as micro-batches: say so
         rcfg = dataclasses.replace(cfg, out=str(rank_out_dir(cfg.out_dir, launch.rank)), device=device,
                                    micro_batch=cfg.micro_batch or cfg.batch_size // launch.world_size)
         say = log if launch.rank == 0 else (lambda m: None)
         # the directory is prepared: a fresh run finds it empty, a resumed one its checkpoints
-        ShardedSamplingRun(rcfg, resume=True, overwrite=False, log=say).run()
+        ShardedSamplingRun(rcfg, resume=True, overwrite=False, log=say, held_lock=lock).run()
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from rtllm.run.checkpoint import checkpoint_path
 from rtllm.cli import main as cli_main
 from rtllm.store.manifest import sha256_file
 
@@ -105,7 +106,7 @@ def test_a_killed_rank_and_resume_end_at_the_same_sample(tiny_model_dir, train_f
     agent = subprocess.Popen(_torchrun_cmd(2, ["-m", "rtllm.cli", "sample",
                                                *_args(tiny_model_dir, train_file, out)]),
                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rank1_ckpt = out / "ranks" / "rank-01" / "checkpoints" / "chain-000.pt"
+    rank1_ckpt = checkpoint_path(out / "ranks" / "rank-01", 0)
     deadline = time.monotonic() + 240
     while not rank1_ckpt.exists() and agent.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
