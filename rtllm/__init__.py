@@ -8,7 +8,7 @@ import importlib
 _API = {
     # the sampler family (rtllm.samplers): torch optimizers over flat buffers, and their tuner
     "RayTracer": "rtllm.samplers.optimizers", "HMC": "rtllm.samplers.optimizers",
-    "SGLD": "rtllm.samplers.optimizers", "MCLMC": "rtllm.samplers.mclmc",
+    "SGLD": "rtllm.samplers.optimizers", "MCLMC": "rtllm.samplers.mclmc", "SMILE": "rtllm.samplers.smile",
     "tune_mclmc": "rtllm.samplers.mclmc_tune", "TuneInfo": "rtllm.samplers.mclmc_tune",
     # the trajectory form with a Metropolis test, vectorized over chains
     "MCLMCChains": "rtllm.samplers.trajectory", "MCLMCResult": "rtllm.samplers.trajectory",
