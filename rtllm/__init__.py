@@ -14,6 +14,9 @@ _API = {
     "MCLMCChains": "rtllm.samplers.trajectory", "MCLMCResult": "rtllm.samplers.trajectory",
     "sample_mclmc": "rtllm.samplers.trajectory", "sample_trajectories": "rtllm.samplers.trajectory",
     "TrajectoryResult": "rtllm.samplers.trajectory",
+    # walking on the fiber: the walk, its learned maps, the LM run
+    "FiberWalk": "rtllm.samplers.fiber", "fit_pca_map": "rtllm.samplers.fiber_map",
+    "fit_mlp_map": "rtllm.samplers.fiber_map", "FiberConfig": "rtllm.run.fiber_config", "fiber": "rtllm.run.fiber",
     # the LLM run, the stored ensemble and its evaluation
     "SampleConfig": "rtllm.run.config", "sample": "rtllm.run.sampling",
     "Ensemble": "rtllm.store.ensemble", "load_sample": "rtllm.store.ensemble",
