@@ -23,7 +23,7 @@ from rtllm.evaluation.diagnostics import MIN_LENGTH_OVER_TAU, integrated_autocor
 from rtllm.samplers.trajectory import MCLMCChains
 
 # The SE estimator of the existing noise protocol (larger of Sokal and 20 batch means).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "samplers"))
 from test_noisy_gradients import standard_error  # noqa: E402
 
 SAMPLERS = ("ray", "hmc", "mclmc", "sgld")

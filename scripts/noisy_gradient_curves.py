@@ -31,7 +31,7 @@ import rtllm
 from rtllm.samplers.autocorr import integrated_autocorr_time as sokal_tau
 
 # HMC's exact stationary value has one definition: the test's (tests/ is not a package).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "samplers"))
 from test_noisy_gradients import hmc_theory  # noqa: E402
 
 SAMPLERS = {"ray": (rtllm.RayTracer, 0), "hmc": (rtllm.HMC, 1)}  # class, seed
