@@ -152,16 +152,7 @@ class SMILE(MCLMC):
             for saved, shard in zip(self._step_start, self.shards):
                 saved.copy_(shard.position())
         self._update(coef, key)
-        kinetic = float(coef.d_ln_lum.sum())
-        energy, kinetic_done, eps_done = rule.advance(kinetic, float(closing.sum()), potential, eps, potential_end)
-        if np.isfinite(eps_done):
-            self.last_step_size = float(eps_done)
-            self.last_kinetic_change = float(kinetic_done)
-            self.last_energy_change = float(energy) if np.isfinite(energy) else None
-        self._last_drift = float(coef.delta)
-        self._ln_lum += kinetic
-        self.diverged = False
-        self.last_info = rules.step_diagnostics(sums, coef)
+        self._book_call(sums, coef, closing, potential, eps, potential_end)
         return loss
 
     @torch.no_grad()
