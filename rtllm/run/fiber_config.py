@@ -18,8 +18,8 @@ class FiberConfig:
     heldout: tuple[str, ...] | None = None
     particles: int = 4
     steps: int = 100  # walk steps (gradients) per particle
-    lr: float = 0.1  # eta
-    drift: float = 0.5  # beta: the drift moves x by lr * drift per step
+    lr: float = 0.03  # eta
+    drift: float = 8.0  # beta: the drift moves x by lr * drift per step
     tangent: bool = False
     tolerance: float = 0.05  # nats per token above the start, on the evaluation batch
     thin: int = 5
