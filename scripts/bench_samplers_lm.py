@@ -313,24 +313,23 @@ def lm_benchmark(model_dir: Path, s: LMSettings, samplers=LM_SAMPLERS, log=print
     log(f"LM: {sum(q.numel() for q in p.model.parameters())} parameters, {len(p.data.train)} training "
         f"sequences of {s.seq_len}, {p.test[:, 1:].numel()} test tokens; start NLL "
         f"{results['start']['nll_bma']:.4f}")
-    rows = []
     for name in samplers:
         acc = metrics.PredictiveAccumulator(p.test[:, 1:])
         if name == "fiber":  # two ensembles: the walk's iterates and the map's draws
             from bench_fiber_lm import run_fiber
 
-            rows += [(row, r, a) for row, (r, a) in run_fiber(p, s, score).items()]
-            continue
-        if name == "mile":
-            r = run_mile(p, s, acc)
+            rows = [(row, r, a) for row, (r, a) in run_fiber(p, s, score).items()]
+        elif name == "mile":
+            rows = [(name, run_mile(p, s, acc), acc)]
         else:
-            r = Chain(p, s, name, None, s.seed).run(s.budget, s.samples, acc)
-        rows.append((name, r, acc))
-    for name, r, acc in rows:
-        results[name] = {**r, **summary(acc, len(p.test))}
-        # Paired with the start on the same windows; windows, not tokens, as the independent units.
-        diff = torch.tensor(results[name]["window_nll"], dtype=torch.float64) - base
-        results[name]["nll_minus_start"] = float(diff.mean())
-        results[name]["nll_minus_start_se"] = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
-        log(f"LM {name}: NLL {results[name]['nll_bma']:.4f}, {r['seconds']:.0f} s")
+            rows = [(name, Chain(p, s, name, None, s.seed).run(s.budget, s.samples, acc), acc)]
+        for row, r, a in rows:
+            results[row] = {**r, **summary(a, len(p.test))}
+            # Paired with the start on the same windows; windows, not tokens, as the independent units.
+            diff = torch.tensor(results[row]["window_nll"], dtype=torch.float64) - base
+            results[row]["nll_minus_start"] = float(diff.mean())
+            results[row]["nll_minus_start_se"] = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
+            log(f"LM {row}: NLL {results[row]['nll_bma']:.4f} ({results[row]['nll_minus_start']:+.4f} ± "
+                f"{results[row]['nll_minus_start_se']:.4f} vs start), ECE {results[row]['ece']:.4f}, epistemic "
+                f"{results[row]['mean_epistemic']:.2e}, {r['seconds']:.0f} s")
     return results
