@@ -237,19 +237,23 @@ class Chain:
         thin = max(1, steps // 2 // n_samples)
         thin += thin % 2 if mclmc else 0
         take = {steps - j * thin for j in range(n_samples)}  # the second half of the phase
-        eval_s, losses = 0.0, []
+        eval_s, losses, due, off_grid = 0.0, [], 0, 0
         for i in range(1, steps + 1):
             loss = self.loss_and_grad(self.next_cursor())
             self.step(loss)
             losses.append(float(loss))
-            if i in take:
-                if mclmc and self.sampler.phase != "start":
-                    raise RuntimeError("MCLMC sample off a full-step boundary: please report this")
+            # A sample due off a full-step boundary (a divergence or SMILE's rejection restarted
+            # a step on an odd gradient) waits for the next boundary, as in `rtllm sample`.
+            due += i in take
+            if due and (not mclmc or self.sampler.phase == "start" or i == steps):
+                off_grid += mclmc and self.sampler.phase != "start"  # only at the very end
                 t1 = time.perf_counter()
-                score(self.model, self.p.test, acc)
+                for _ in range(due):
+                    score(self.model, self.p.test, acc)
                 eval_s += time.perf_counter() - t1
+                due = 0
         return {"tuned": tuned, "grads_tune": tune_grads, "grads_sample": self.grads - tune_grads,
-                "forwards_tune": tune_forwards, "samples": len(take),
+                "forwards_tune": tune_forwards, "samples": len(take), "samples_off_grid": off_grid,
                 "train_loss_first_last": [losses[0], sum(losses[-10:]) / len(losses[-10:])],
                 **({"final_step_size": self.sampler.step_size, "rejections": self.sampler.rejections}
                    if self.name == "smile" else {}),
