@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from rtllm.samplers import rules
-from rtllm.samplers.mclmc import MCLMC, MCLMCRule, check_step_size_and_L
+from rtllm.samplers.mclmc import MCLMC, MCLMCRule
 from rtllm.samplers.smile_controller import ControllerConfig, StepSizeController
 
 _UNUSED_L = 1.0  # MCLMC's machinery takes a refresh rate; SMILE's schedule never refreshes
@@ -83,16 +83,6 @@ class SMILE(MCLMC):
     @L.setter
     def L(self, value: float) -> None:
         raise AttributeError("SMILE has no L: it never refreshes the velocity")
-
-    @property
-    def step_size(self) -> float:
-        return self.hyper("dt")
-
-    @step_size.setter
-    def step_size(self, value: float) -> None:
-        check_step_size_and_L(value, 1.0)
-        for group in self.param_groups:
-            group["dt"] = float(value)
 
     # -- the step -----------------------------------------------------------------------------
     @torch.no_grad()
