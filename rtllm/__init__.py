@@ -8,12 +8,15 @@ import importlib
 _API = {
     # the sampler family (rtllm.samplers): torch optimizers over flat buffers, and their tuner
     "RayTracer": "rtllm.samplers.optimizers", "HMC": "rtllm.samplers.optimizers",
-    "SGLD": "rtllm.samplers.optimizers", "MCLMC": "rtllm.samplers.mclmc",
+    "SGLD": "rtllm.samplers.optimizers", "MCLMC": "rtllm.samplers.mclmc", "SMILE": "rtllm.samplers.smile",
     "tune_mclmc": "rtllm.samplers.mclmc_tune", "TuneInfo": "rtllm.samplers.mclmc_tune",
     # the trajectory form with a Metropolis test, vectorized over chains
     "MCLMCChains": "rtllm.samplers.trajectory", "MCLMCResult": "rtllm.samplers.trajectory",
     "sample_mclmc": "rtllm.samplers.trajectory", "sample_trajectories": "rtllm.samplers.trajectory",
     "TrajectoryResult": "rtllm.samplers.trajectory",
+    # walking on the fiber: the walk, its learned maps, the LM run
+    "FiberWalk": "rtllm.samplers.fiber", "fit_pca_map": "rtllm.samplers.fiber_map",
+    "fit_mlp_map": "rtllm.samplers.fiber_map", "FiberConfig": "rtllm.run.fiber_config", "fiber": "rtllm.run.fiber",
     # the LLM run, the stored ensemble and its evaluation
     "SampleConfig": "rtllm.run.config", "sample": "rtllm.run.sampling",
     "Ensemble": "rtllm.store.ensemble", "load_sample": "rtllm.store.ensemble",

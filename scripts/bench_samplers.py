@@ -160,7 +160,7 @@ def lm(args) -> dict:
     s = LM.LMSettings(budget=args.lm_budget, samples=args.lm_samples, batch_size=args.lm_batch,
                       seq_len=args.lm_seq, eval_windows=args.lm_eval_windows, trial_steps=args.lm_trial_steps,
                       members=args.lm_members, member_steps=args.lm_member_steps, seed=args.seed)
-    res = LM.lm_benchmark(args.model, s, log=log)
+    res = LM.lm_benchmark(args.model, s, samplers=args.lm_samplers, log=log)
     print(f"\n### Tiny GPT-2: ensembles of {s.samples} from the same start, {s.budget} gradients each\n")
     print("| sampler | tuned | grads (tune + sample) | + other | NLL (BMA) | BMA - start ± SE | mean single NLL "
           "| ECE | mean epistemic | wall s |")
@@ -168,12 +168,18 @@ def lm(args) -> dict:
     st = res["start"]
     print(f"| start checkpoint | - | - | - | {st['nll_bma']:.4f} | - | {st['nll_single_mean']:.4f} | {st['ece']:.4f} | "
           f"{st['mean_epistemic']:.2e} | - |")
-    for name in LM.LM_SAMPLERS:
+    for name in [k for k in res if k != "start"]:
         r = res[name]
-        t = r["tuned"] if isinstance(r["tuned"], list) else [r["tuned"]]
-        tuned = (f"{'eps' if name.startswith('mclmc') else 'dt'} {t[0]['dt']:.3g} ({t[0]['trials']} trials)"
-                 if "dt" in t[0] else
-                 f"eps {_range([x['step_size'] for x in t], '.3g')}, L {_range([x['L'] for x in t], '.3g')}")
+        t = r.get("tuned", [{}]) if isinstance(r.get("tuned"), list) else [r.get("tuned", {})]
+        if "tuned_text" in r:
+            tuned = r["tuned_text"]
+        elif name == "smile":
+            tuned = (f"eps {t[0]['step_size']:.3g} -> {r['final_step_size']:.3g} (controller), "
+                     f"{r['rejections']} rejected")
+        else:
+            tuned = (f"{'eps' if name.startswith('mclmc') else 'dt'} {t[0]['dt']:.3g} ({t[0]['trials']} trials)"
+                     if "dt" in t[0] else
+                     f"eps {_range([x['step_size'] for x in t], '.3g')}, L {_range([x['L'] for x in t], '.3g')}")
         other = f"{r['forwards_tune']} fwd" + (f", {r['grads_members']} AdamW" if "grads_members" in r else "")
         wall = f"{r['seconds']:.0f}" + (f" + {r['seconds_members']:.0f}" if "seconds_members" in r else "")
         print(f"| {name} | {tuned} | {r['grads_tune']} + {r['grads_sample']} | {other} | {r['nll_bma']:.4f} | "
@@ -204,6 +210,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              ("lm-members", int, "MILE members (2; the paper uses 12)"),
                              ("lm-member-steps", int, "most AdamW steps per MILE member (full 40, quick 8)")):
         a(f"--{name}", type=kind, help=what)
+    a("--lm-samplers", default=",".join(LM.LM_SAMPLERS), help="comma-separated LM samplers (%(default)s)")
     a("--seed", type=int, default=0)
     a("--threads", type=int, default=1, help="torch threads (1: fastest for these small tensors)")
     a("--json", type=Path, help="write every number here (atomically)")
@@ -215,6 +222,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.lm_members = args.lm_members or 2
     try:
         args.parts = [p for p in args.parts.split(",") if p]
+        args.lm_samplers = [n for n in args.lm_samplers.split(",") if n]
+        if set(args.lm_samplers) - set(LM.LM_SAMPLERS):
+            ap.error(f"--lm-samplers must name some of {', '.join(LM.LM_SAMPLERS)}, got {args.lm_samplers}")
         args.sigmas = [float(s) for s in args.sigmas.split(",")]
         args.dims = [int(d) for d in args.dims.split(",")]
     except ValueError as e:

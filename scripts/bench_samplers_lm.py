@@ -31,7 +31,7 @@ LOSS_TOLERANCE = 0.05  # S = D / (2 * 0.05) for every sampler: `rtllm sample`'s 
 TUNE_SHARE = 0.2
 # "mclmc-search": MCLMC with its step size from the same stability search as RT, HMC and SGLD
 # instead of MILE's energy-variance tuner (which minibatch noise misleads, see the docs).
-LM_SAMPLERS = ("ray", "hmc", "sgld", "mclmc", "mclmc-search", "mile")
+LM_SAMPLERS = ("ray", "hmc", "sgld", "mclmc", "mclmc-search", "mile", "smile", "fiber")
 
 
 @dataclass(frozen=True)
@@ -103,10 +103,13 @@ class Chain:
             self.sampler = rtllm.HMC(params, dt=1.0, **common)
         elif name == "sgld":
             self.sampler = rtllm.SGLD(params, dt=1.0, **common)
+        elif name == "smile":
+            self.sampler = rtllm.SMILE(params, step_size=MCLMC_START_STEP, ray="model", **common)
         else:
             self.sampler = rtllm.MCLMC(params, step_size=MCLMC_START_STEP, L=max(math.sqrt(self.dim), 15.0),
                                        ray="model", **common)
-        self.mclmc = name.startswith("mclmc")
+        self.mclmc = name.startswith("mclmc") or name == "smile"  # full steps of two gradients
+        self._step_batch = -1  # SMILE: the minibatch of the full step in progress
         self.order = MinibatchOrder(len(p.data.train), s.batch_size, s.seed)  # the same for all
         self.grads = self.forwards = 0
 
@@ -135,8 +138,20 @@ class Chain:
             for group in self.sampler.param_groups:
                 group["dt"] = value
 
+    def next_cursor(self) -> int:
+        """The next gradient's minibatch; SMILE's full step keeps one for both of its gradients."""
+        if self.name == "smile" and self.sampler.phase in ("mid", "mid_close"):
+            return self._step_batch
+        return self.grads
+
     def step(self, loss: torch.Tensor) -> None:
-        if self.mclmc:
+        if self.name == "smile":  # a step's two ends scored on its minibatch: one forward more
+            start = self.sampler.phase == "start"
+            end = self.mean_loss([self._step_batch]) if start and self._step_batch >= 0 else None
+            if start:
+                self._step_batch = self.grads - 1
+            self.sampler.step(loss=loss, end_loss=end)
+        elif self.mclmc:
             self.sampler.step(loss=loss)  # the loss keeps MCLMC's energy ledger
         else:
             self.sampler.step()
@@ -184,6 +199,8 @@ class Chain:
 
     def tune(self, budget: int) -> dict:
         """Tune on at most `budget` gradients; returns what was chosen."""
+        if self.name == "smile":  # its controller adapts eps while it samples: no tuning budget
+            return {"step_size": self.sampler.step_size, "L": math.inf}
         if self.name != "mclmc":
             return self.search_dt(budget)  # MCLMC with a fixed L = max(sqrt(D), 15) for "mclmc-search"
         full = budget // 2  # MILE's 80/10/10% phases of the tuning budget's full steps
@@ -220,20 +237,26 @@ class Chain:
         thin = max(1, steps // 2 // n_samples)
         thin += thin % 2 if mclmc else 0
         take = {steps - j * thin for j in range(n_samples)}  # the second half of the phase
-        eval_s, losses = 0.0, []
+        eval_s, losses, due, off_grid = 0.0, [], 0, 0
         for i in range(1, steps + 1):
-            loss = self.loss_and_grad(self.grads)
+            loss = self.loss_and_grad(self.next_cursor())
             self.step(loss)
             losses.append(float(loss))
-            if i in take:
-                if mclmc and self.sampler.phase != "start":
-                    raise RuntimeError("MCLMC sample off a full-step boundary: please report this")
+            # A sample due off a full-step boundary (a divergence or SMILE's rejection restarted
+            # a step on an odd gradient) waits for the next boundary, as in `rtllm sample`.
+            due += i in take
+            if due and (not mclmc or self.sampler.phase == "start" or i == steps):
+                off_grid += mclmc and self.sampler.phase != "start"  # only at the very end
                 t1 = time.perf_counter()
-                score(self.model, self.p.test, acc)
+                for _ in range(due):
+                    score(self.model, self.p.test, acc)
                 eval_s += time.perf_counter() - t1
+                due = 0
         return {"tuned": tuned, "grads_tune": tune_grads, "grads_sample": self.grads - tune_grads,
-                "forwards_tune": tune_forwards, "samples": len(take),
+                "forwards_tune": tune_forwards, "samples": len(take), "samples_off_grid": off_grid,
                 "train_loss_first_last": [losses[0], sum(losses[-10:]) / len(losses[-10:])],
+                **({"final_step_size": self.sampler.step_size, "rejections": self.sampler.rejections}
+                   if self.name == "smile" else {}),
                 "skipped_or_diverged": int(getattr(self.sampler, "divergences", 0)
                                            + getattr(self.sampler, "skipped_steps", 0)),
                 "seconds": time.perf_counter() - t0 - eval_s}
@@ -296,14 +319,21 @@ def lm_benchmark(model_dir: Path, s: LMSettings, samplers=LM_SAMPLERS, log=print
         f"{results['start']['nll_bma']:.4f}")
     for name in samplers:
         acc = metrics.PredictiveAccumulator(p.test[:, 1:])
-        if name == "mile":
-            r = run_mile(p, s, acc)
+        if name == "fiber":  # two ensembles: the walk's iterates and the map's draws
+            from bench_fiber_lm import run_fiber
+
+            rows = [(row, r, a) for row, (r, a) in run_fiber(p, s, score).items()]
+        elif name == "mile":
+            rows = [(name, run_mile(p, s, acc), acc)]
         else:
-            r = Chain(p, s, name, None, s.seed).run(s.budget, s.samples, acc)
-        results[name] = {**r, **summary(acc, len(p.test))}
-        # Paired with the start on the same windows; windows, not tokens, as the independent units.
-        diff = torch.tensor(results[name]["window_nll"], dtype=torch.float64) - base
-        results[name]["nll_minus_start"] = float(diff.mean())
-        results[name]["nll_minus_start_se"] = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
-        log(f"LM {name}: NLL {results[name]['nll_bma']:.4f}, {r['seconds']:.0f} s")
+            rows = [(name, Chain(p, s, name, None, s.seed).run(s.budget, s.samples, acc), acc)]
+        for row, r, a in rows:
+            results[row] = {**r, **summary(a, len(p.test))}
+            # Paired with the start on the same windows; windows, not tokens, as the independent units.
+            diff = torch.tensor(results[row]["window_nll"], dtype=torch.float64) - base
+            results[row]["nll_minus_start"] = float(diff.mean())
+            results[row]["nll_minus_start_se"] = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
+            log(f"LM {row}: NLL {results[row]['nll_bma']:.4f} ({results[row]['nll_minus_start']:+.4f} ± "
+                f"{results[row]['nll_minus_start_se']:.4f} vs start), ECE {results[row]['ece']:.4f}, epistemic "
+                f"{results[row]['mean_epistemic']:.2e}, {r['seconds']:.0f} s")
     return results

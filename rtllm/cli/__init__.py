@@ -12,6 +12,7 @@ import sys
 
 from rtllm.cli.evaluate import add_evaluate_args, cmd_evaluate
 from rtllm.cli.export import add_export_args, cmd_export
+from rtllm.cli.fiber import add_fiber_args, cmd_fiber
 from rtllm.cli.generate import add_generate_args, cmd_generate
 from rtllm.cli.mile import add_mile_args, cmd_mile
 from rtllm.cli.plan import add_plan_args, cmd_plan
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_args(p)
     add_mile_args(p)
     p.set_defaults(func=cmd_mile)
+    p = command("fiber", "walk particles along the fiber of a trained model, fit a map, write ensembles")
+    add_fiber_args(p)
+    p.set_defaults(func=cmd_fiber)
     p = command("merge", "list the samples of every chain in DIR/chains in DIR/ensemble.json")
     p.add_argument("dir", help="the --out of a multi-chain run (torchrun ... rtllm sample, or --chain K)")
     p.add_argument("--require-all", action="store_true", help="refuse unless every chain has finished")

@@ -80,9 +80,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
       "from (seed, k)")
     a("--chain", type=int, help="chain id K: write OUT/chains/chain-K (several chains, one ensemble; see "
       "`rtllm merge`); under torchrun rank r runs chain K + r (default: 0)")
-    a("--sampler", choices=["ray", "mclmc"], default=d["sampler"].default, help="ray tracing, or "
+    a("--sampler", choices=["ray", "mclmc", "smile"], default=d["sampler"].default, help="ray tracing, "
       "microcanonical Langevin as inside MILE (then --dt is its step size per full step of two "
-      "gradients) (%(default)s)")
+      "gradients), or SMILE, MCLMC for minibatches (--dt its initial step size) (%(default)s)")
     a("--L", type=_dt, default="auto", help="MCLMC decoherence length, or 'auto': tuned in the burn-in "
       "(%(default)s)")
     a("--tune-phases", type=int, nargs=3, metavar=("I", "II", "III"), help="MCLMC tuning phases in full "

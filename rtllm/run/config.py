@@ -58,6 +58,8 @@ class SampleConfig:
     deterministic: bool = False
     chain: int = 0
     dt_trial_steps: int = 10
+    # "smile": MCLMC on minibatches (rtllm.samplers.smile), dt its initial step size ("auto": 0.03),
+    # then adapted by its controller; burn-in and thin even, as for mclmc.
     # "ray" (the ray tracer) or "mclmc" (microcanonical Langevin, as inside MILE). For mclmc, dt
     # is the step size per full step (two gradients) and `steps`, `burn_in`, `thin` still count
     # gradients; `L` is the decoherence length ("auto": tuned during the burn-in, whose first
@@ -144,12 +146,15 @@ class SampleConfig:
                              "--sample-dtype compute, or --layout fp32")
         if self.shard_state:
             self._check_shard_state()
-        if self.sampler not in ("ray", "mclmc"):
-            raise ValueError(f"--sampler must be ray or mclmc, got {self.sampler!r}")
-        if self.sampler == "mclmc":
+        if self.sampler not in ("ray", "mclmc", "smile"):
+            raise ValueError(f"--sampler must be ray, mclmc or smile, got {self.sampler!r}")
+        if self.sampler in ("mclmc", "smile"):
             if self.layout != "fp32":
-                raise ValueError(f"--layout {self.layout} works with --sampler ray; MCLMC needs "
-                                 f"--layout fp32")
+                raise ValueError(f"--layout {self.layout} works with --sampler ray; {self.sampler.upper()} "
+                                 f"needs --layout fp32")
+            if self.sampler == "smile" and (self.tune_phases is not None or self.L != "auto"):
+                raise ValueError("--L and --tune-phases are MCLMC settings: SMILE never refreshes its "
+                                 "velocity and its controller adapts the step size")
             self._check_mclmc(positive_float)
         elif self.tune_phases is not None or self.L != "auto" or self.mclmc_target != "unbiased":
             raise ValueError("--L, --tune-phases and --mclmc-target are MCLMC settings; pass --sampler mclmc")

@@ -16,6 +16,7 @@ import torch
 
 from rtllm.run.config import SampleConfig
 from rtllm.samplers.mclmc import MCLMC
+from rtllm.samplers.smile import SMILE
 from rtllm.lm.model_io import param_groups_for
 from rtllm.samplers.optimizers import RayTracer
 
@@ -30,6 +31,8 @@ def build_sampler(cfg: SampleConfig, sampled: list, scale: float, seed: int, *, 
     common = dict(scale_likelihood=scale, seed=seed, ray="model" if cfg.ray_per == "model" else "group",
                   prior_scale=cfg.prior_scale, prior_center=cfg.prior_center, layout=cfg.layout,
                   **({} if sharded is None else {"sharded": sharded}))
+    if cfg.sampler == "smile":  # no tuning: its controller adapts the step size as it samples
+        return SMILE(groups, step_size=MCLMC_START_STEP if cfg.dt == "auto" else float(cfg.dt), **common)
     if cfg.sampler == "mclmc":
         dim = sum(p.numel() for _, p in sampled)
         return MCLMC(groups, step_size=MCLMC_START_STEP if cfg.dt == "auto" else float(cfg.dt),

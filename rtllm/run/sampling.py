@@ -188,7 +188,7 @@ class SamplingRun:
     def _next_batch(self) -> int:
         """The cursor of the next gradient's minibatch. MCLMC: both gradients of a full step
         share one (the step then integrates one potential), so only a start call moves on."""
-        if self.cfg.sampler == "mclmc" and self.sampler.phase in ("mid", "mid_close"):
+        if self.cfg.sampler in ("mclmc", "smile") and self.sampler.phase in ("mid", "mid_close"):
             return self.state["cursor"] - 1
         self.state["cursor"] += 1
         return self.state["cursor"] - 1
@@ -261,6 +261,8 @@ class SamplingRun:
         return sum(losses) / len(losses)
 
     def _set_dt(self, dt: float) -> None:
+        if self.cfg.sampler == "smile":  # its controller owns the step size (kept in checkpoints)
+            return
         for group in self.sampler.param_groups:
             group["dt"] = dt
         if self.state.get("L") is not None:  # MCLMC: L rides along as its refresh rate
@@ -274,6 +276,8 @@ class SamplingRun:
     def choose_dt(self) -> float:
         if self.cfg.sampler == "mclmc":
             return self._tune_mclmc()
+        if self.cfg.sampler == "smile":
+            return self.sampler.step_size
         if self.cfg.dt != "auto":
             return float(self.cfg.dt)
         self.say(f"choosing dt (--dt auto): trials of {self.cfg.dt_trial_steps} steps from "
@@ -415,7 +419,7 @@ class SamplingRun:
                 self.writer.update_config(self.manifest_config())
             is_sample = t < cfg.steps and t >= burn_in and (t - burn_in + 1) % cfg.thin == 0
             sample_t = None
-            off_grid = cfg.sampler == "mclmc" and self.sampler.phase != "start"
+            off_grid = cfg.sampler in ("mclmc", "smile") and self.sampler.phase != "start"
             if is_sample and off_grid:
                 st["sample_due"] = t
             elif is_sample:
@@ -455,7 +459,12 @@ class SamplingRun:
 
     def _sampler_step(self, loss) -> None:
         self.writer.wait_snapshot()  # the update must not overwrite a sample mid-copy
-        if self.cfg.sampler == "mclmc":
+        if self.cfg.sampler == "smile":  # its controller reads each full step's energy error, whose
+            # two ends are scored on the step's minibatch: one extra forward pass per full step
+            cursor = self.state["cursor"]
+            start = self.sampler.phase == "start" and cursor >= 2
+            self.sampler.step(loss=loss, end_loss=self._batch_loss(cursor - 2) if start else None)
+        elif self.cfg.sampler == "mclmc":
             self.sampler.step(loss=loss)  # the loss tracks MCLMC's energy
         else:
             self.sampler.step()

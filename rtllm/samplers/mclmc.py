@@ -269,6 +269,12 @@ class MCLMC(FlatSampler):
             potential = self.scale_likelihood * loss_value + prior  # prior: a pass over x, at boundaries only
             potential_end = potential if end_loss is None else self.scale_likelihood * float(end_loss) + prior
         self._update(coef, key)
+        self._book_call(sums, coef, closing, potential, eps, potential_end)
+        return loss
+
+    def _book_call(self, sums: Array, coef: rules.Coefficients, closing: Array, potential: float, eps: float,
+                   potential_end: float) -> None:
+        """After the update: the energy ledger, the finished step's record and the diagnostics."""
         kinetic = float(coef.d_ln_lum.sum())
         energy, kinetic_done, eps_done = self._rule.advance(kinetic, float(closing.sum()), potential, eps,
                                                             potential_end)
@@ -280,7 +286,6 @@ class MCLMC(FlatSampler):
         self._ln_lum += kinetic
         self.diverged = False
         self.last_info = rules.step_diagnostics(sums, coef)
-        return loss
 
     @torch.no_grad()
     def _diverge(self, sums: Array) -> None:

@@ -128,7 +128,7 @@ def test_smoke_every_part_respects_the_budgets(tmp_path, tiny_model_dir, capsys,
 
     lm = result["lm"]["results"]
     assert lm["start"]["mean_epistemic"] < 1e-6  # one model: no disagreement
-    for name in ("ray", "hmc", "sgld", "mclmc", "mclmc-search", "mile"):
+    for name in ("ray", "hmc", "sgld", "mclmc", "mclmc-search", "mile", "smile"):
         r = lm[name]
         assert r["samples"] == 2, name
         assert 58 <= r["grads_tune"] + r["grads_sample"] <= 60, name  # MCLMC: even sampling steps
@@ -137,6 +137,11 @@ def test_smoke_every_part_respects_the_budgets(tmp_path, tiny_model_dir, capsys,
         assert r["nll_bma"] <= r["nll_single_mean"] + 1e-9, name  # log of a mean >= mean of logs
         assert f"| {name} |" in out
     assert lm["mile"]["grads_members"] >= 2 and len(lm["mile"]["members"]) == 2
+    assert lm["smile"]["grads_tune"] == 0  # no tuning: its controller adapts eps while it samples
+    for name in ("fiber-walk", "fiber-generated"):  # one walk of 60 gradients, two ensembles
+        r = lm[name]
+        assert r["grads_sample"] == 60 and 1 <= r["samples"] <= 2 and f"| {name} |" in out, name
+        assert math.isfinite(r["nll_bma"]), name
 
 
 @pytest.mark.parametrize("extra, message", [
