@@ -37,12 +37,13 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from rtllm.evaluation.chain_split import evaluate_by_chain
     from rtllm.evaluation.diagnostics import diagnose, stationarity
     from rtllm.evaluation.streaming import EvalResult, evaluate, write_evaluation
     from rtllm.store.writer import atomic_write_json
 
-    def run(masking: bool) -> EvalResult:
-        return evaluate(args.ensemble, args.data, ood_texts=args.ood, baseline=args.baseline,
+    def run(masking: bool, ensemble: str | Path = args.ensemble) -> EvalResult:
+        return evaluate(ensemble, args.data, ood_texts=args.ood, baseline=args.baseline,
                         seq_len=args.seq_len, max_samples=args.max_samples,
                         max_memory=args.max_memory, mask="manifest" if masking else None,
                         mask_heldout_above=args.mask_heldout_above if masking else None,
@@ -54,6 +55,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     verdict = _stationarity(args.ensemble, stationarity)
     if verdict is not None:
         result.summary["stationarity"] = verdict.to_json()
+    chains = evaluate_by_chain(args.ensemble, result, lambda d: run(not args.include_masked, d))
+    if chains is not None:  # a multi-start ensemble: what the starts disagree on, apart
+        result.summary["chains"] = chains
     paths = write_evaluation(result, out)
     for key, value in result.summary.items():
         if isinstance(value, dict):
@@ -79,6 +83,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"fraction {fmt(diag['fraction_converged'])}; split R-hat max {fmt(diag['rhat_max'])}")
     if verdict is not None:
         print(verdict.message)
+    if chains is not None:
+        print(f"{'epistemic by chain':>22}  within {chains['mean_within']:.4f}, between "
+              f"{chains['mean_between']:.4f} nats/token over {chains['n_chains']} chains" +
+              (f"; OOD AUROC within {chains['auroc_ood_within']:.3f}, between {chains['auroc_ood_between']:.3f}"
+               if "auroc_ood_within" in chains else ""))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
