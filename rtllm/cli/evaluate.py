@@ -76,6 +76,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"fraction {fmt(diag['fraction_converged'])}; split R-hat max {fmt(diag['rhat_max'])}")
     if done.summary.get("stationarity"):
         print(done.summary["stationarity"]["message"])
+    chains = done.summary.get("chains")
+    if chains is not None:
+        print(f"{'epistemic by chain':>22}  within {chains['mean_within']:.4f}, between "
+              f"{chains['mean_between']:.4f} nats/token over {chains['n_chains']} chains" +
+              (f"; OOD AUROC within {chains['auroc_ood_within']:.3f}, between {chains['auroc_ood_between']:.3f}"
+               if "auroc_ood_within" in chains else ""))
     print(f"{'reused' if done.reused else 'wrote'} in {Path(args.out).resolve()}: "
           + ", ".join(sorted(p.name for p in done.paths.values())))
     return 0

@@ -17,15 +17,16 @@ def add_mile_args(p) -> None:
       "before a member stops (%(default)s)")
     a("--member-batch-size", type=int, default=d["batch_size"].default, help="sequences per AdamW step (%(default)s)")
     a("--from-scratch", action="store_true", help="train members from a fresh random init (small networks)")
-    p.set_defaults(sampler="mclmc", mclmc_target="mile")  # the paper's schedule (docs/sampling.md)
+    # MCLMC with the paper's tuning schedule (docs/sampling.md); --sampler ray: multi-start ray tracing
+    p.set_defaults(sampler="mclmc", mclmc_target=None)
 
 
 def cmd_mile(args) -> int:
     from rtllm.cli.sample import config_from_args
     from rtllm.run.mile import MileConfig, run_mile
 
-    if args.sampler != "mclmc":
-        raise ValueError("rtllm mile samples with MCLMC: drop --sampler")
+    if args.mclmc_target is None:
+        args.mclmc_target = "mile" if args.sampler == "mclmc" else "unbiased"
     if args.chain is not None:
         raise ValueError("rtllm mile numbers its chains by member: drop --chain")
     training = MemberTraining(lr=args.member_lr, max_steps=args.member_steps, eval_every=args.member_eval_every,

@@ -90,6 +90,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--mclmc-target", choices=["unbiased", "mile"], default=d["mclmc_target"].default,
       help="MCLMC tuner's energy-variance schedule: unbiased (1e-4 -> 2e-6), or MILE's 0.5 -> 0.1, "
       "biased on Gaussians (%(default)s; rtllm mile: mile)")
+    a("--starts", type=int, default=1, help="K > 1: K chains from K starts (members fine-tuned from "
+      "--model with AdamW under their own seeds, as `rtllm mile` does), merged into one ensemble "
+      "in OUT/chains; `rtllm evaluate` reports within- and between-chain uncertainty (%(default)s)")
     a("--init", help="start from the weights in this directory (same architecture as --model)")
     a("--device", default="auto", help="cpu, cuda, cuda:N or auto (%(default)s)")
     a("--encoding", help="encoding of the text files, e.g. latin-1 (default: UTF-8; text that does not "
@@ -130,6 +133,10 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
 def cmd_sample(args: argparse.Namespace) -> int:
     from rtllm.run.chains import Launch, run_sample
 
+    if args.starts != 1:
+        if args.shard_state:
+            raise ValueError("--starts K runs K independent chains; --shard-state shards one: drop one of them")
+        return _run_starts(args)
     cfg = config_from_args(args)
     if cfg.shard_state and args.chain is not None:
         raise ValueError("--shard-state runs one chain over all ranks in --out; drop --chain")
@@ -139,6 +146,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
         run_sharded(cfg, launch=Launch.from_env(), resume=args.resume, overwrite=args.overwrite)
         return 0
     run_sample(cfg, first_chain=args.chain, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def _run_starts(args: argparse.Namespace) -> int:
+    """--starts K: `rtllm mile` with the chosen sampler and the default member training."""
+    from rtllm.run.config import MemberTraining
+    from rtllm.run.mile import MileConfig, run_mile
+
+    if isinstance(args.starts, bool) or args.starts < 1:
+        raise ValueError(f"--starts must be an integer >= 1, got {args.starts!r}")
+    if args.chain is not None or args.init is not None:
+        raise ValueError("--starts K numbers its chains by start and makes the starts: drop --chain and --init")
+    run_mile(MileConfig(members=args.starts, sampling=config_from_args(args), training=MemberTraining()),
+             resume=args.resume, overwrite=args.overwrite)
     return 0
 
 

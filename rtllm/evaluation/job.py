@@ -98,12 +98,13 @@ def _texts(paths: Sequence[str]) -> dict[str, str]:
 
 
 def _evaluate_into(job: EvalJob, staging: Path, inputs: dict, say: Callable[[str], None]) -> EvalOutcome:
+    from rtllm.evaluation.chain_split import evaluate_by_chain
     from rtllm.evaluation.diagnostics import diagnose, stationarity
     from rtllm.evaluation.streaming import evaluate, write_evaluation
     from rtllm.store.manifest import atomic_write_json
 
-    def run(masking: bool):
-        return evaluate(job.ensemble, list(job.data), ood_texts=list(job.ood) or None, baseline=job.baseline,
+    def run(masking: bool, ensemble: str | Path = job.ensemble):
+        return evaluate(ensemble, list(job.data), ood_texts=list(job.ood) or None, baseline=job.baseline,
                         seq_len=job.seq_len, max_samples=job.max_samples, max_memory=job.max_memory,
                         mask="manifest" if masking else None,
                         mask_heldout_above=job.mask_heldout_above if masking else None,
@@ -114,6 +115,9 @@ def _evaluate_into(job: EvalJob, staging: Path, inputs: dict, say: Callable[[str
         result.summary["stationarity"] = stationarity(job.ensemble).to_json()
     except (ValueError, FileNotFoundError) as err:  # no sampling log next to the samples
         say(f"no stationarity verdict ({err})")
+    chains = evaluate_by_chain(job.ensemble, result, lambda d: run(not job.include_masked, d))
+    if chains is not None:  # a multi-start ensemble: what the starts disagree on, apart
+        result.summary["chains"] = chains
     say("writing tokens.jsonl, summary.json and the reports")
     write_evaluation(result, staging, context=inputs)
     outcome = EvalOutcome(summary=result.summary, paths={}, reused=False, inputs=inputs)

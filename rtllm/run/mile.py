@@ -41,8 +41,9 @@ def member_dir(out_dir: Path | str, member: int) -> Path:
 class MileConfig:
     """K members (stage 1) and the sampling settings every member's chain shares (stage 2).
 
-    `sampling` holds the chain settings (sampler 'mclmc'; model, out, chain and init are set per
-    member); `training` how members are trained.
+    `sampling` holds the chain settings (sampler 'mclmc' as in the paper, or 'ray': multi-start
+    ray tracing, `rtllm sample --starts K`; model, out, chain and init are set per member);
+    `training` how members are trained.
     """
 
     members: int
@@ -52,8 +53,9 @@ class MileConfig:
     def __post_init__(self) -> None:
         if isinstance(self.members, bool) or not isinstance(self.members, int) or self.members < 1:
             raise ValueError(f"--members must be an integer >= 1 (the paper uses 12), got {self.members!r}")
-        if self.sampling.sampler != "mclmc":
-            raise ValueError(f"MILE samples with MCLMC; the sampling config says {self.sampling.sampler!r}")
+        if self.sampling.sampler not in ("mclmc", "ray"):
+            raise ValueError(f"MILE samples with MCLMC or ray tracing; the sampling config says "
+                             f"{self.sampling.sampler!r}")
 
 
 def _my_members(k: int, launch) -> list[int]:
@@ -85,7 +87,8 @@ def run_mile(cfg: MileConfig, *, resume: bool = False, overwrite: bool = False,
     resume, overwrite = start_ranks(out, launch, {"mile": dataclasses.asdict(cfg)}, resume=resume,
                                     overwrite=overwrite, check=holds_no_other_run)
     device = resolve_device(rank_device(s.device, launch))
-    log(f"MILE: {cfg.members} members; {MINIBATCH_WARNING}")
+    log(f"MILE: {cfg.members} members" + (f"; {MINIBATCH_WARNING}" if s.sampler == "mclmc" else
+                                          ", each the start of a ray-tracing chain"))
     mine = _my_members(cfg.members, launch)
     if not mine:
         log(f"rank {launch.rank}: no member to run ({cfg.members} members, {launch.world_size} ranks)")

@@ -39,6 +39,9 @@ MAX_LAG1 = 0.95  # cap on the residuals' lag-1 autocorrelation: tau <= 39
 TREND_Z = 3.0
 MAX_RHAT = 1.1  # split R-hat of the held-out loss above this: the halves or chains disagree
 MIN_POINTS = 4  # fewer held-out points than this: no verdict on the trend
+# Undo rate above this: the message warns (measured 0.5 with --scale tokens and no prior on a
+# 0.17M-parameter model, docs/uncertainty.md: the chain bounces instead of moving).
+HIGH_UNDO_RATE = 0.2
 
 
 def split_rhat(chains: list[np.ndarray]) -> np.ndarray:
@@ -188,6 +191,9 @@ def stationarity_verdict(heldout: Sequence[tuple[np.ndarray, np.ndarray]],
                        f"and --steps")
         else:
             message = f"stationarity: no trend detected: {figures}"
+        if undo_rate > HIGH_UNDO_RATE:
+            message += (f". WARNING: {undo_rate:.0%} of the steps were undone: the chain bounces at "
+                        f"this S and dt (lower --dt, a colder --scale, or give --prior-scale)")
     return StationarityVerdict(stationary=stationary, n_chains=len(heldout), n_points=n_points,
                                slope_per_1k_steps=slope, trend_z=float(z), drift_nats=drift,
                                noise_nats=noise, rhat=rhat, probe_ess=ess, undo_rate=undo_rate,

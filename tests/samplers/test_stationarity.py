@@ -55,7 +55,9 @@ def test_a_descending_chain_is_called_moving_with_advice():
     assert v.stationary is False and v.trend_z < -TREND_Z and v.drift_nats < -0.1
     assert "STILL MOVING (descending)" in v.message and "--burn-in" in v.message and "--steps" in v.message
     assert v.undo_rate == pytest.approx(0.01) and "undo rate 0.010" in v.message
-    assert v.rhat > 1.1
+    assert v.rhat > 1.1 and "WARNING" not in v.message
+    bouncing = stationarity_verdict([(steps, loss)], undone_steps=150, sampling_steps=300)
+    assert "WARNING: 50% of the steps were undone" in bouncing.message
 
 
 def test_chains_at_different_levels_fail_rhat_without_a_trend():
