@@ -64,19 +64,26 @@ def calibrate_guards(state: dict, batch_losses: list[float], cfg, tolerance: flo
 
 class MovementWatch:
     def __init__(self, state: dict, cfg, *, say: Callable[[str], None], log: Callable[[dict], None]) -> None:
-        self.state, self.burn_in, self.say, self.log = state, cfg.burn_in, say, log
+        self.state, self.say, self.log = state, say, log
+        self._given_burn_in = cfg.burn_in if isinstance(cfg.burn_in, int) else None  # "auto": decided later
         self.dt_auto = cfg.dt == "auto" and cfg.sampler == "ray"
         # MCLMC flags jumps and keeps the step (no undo): its tuning burn-in is not stopped early.
         self.undo_stops = cfg.sampler == "ray"
         self.more = "" if cfg.reject_threshold in ("auto", None) else ", or leave --reject-threshold at auto"
         self.s = state.setdefault("movement", dict(
-            window_start=0, window_rejected=0, shrinks=0, counted_from=cfg.burn_in, steps=0, rejected=0,
+            window_start=0, window_rejected=0, shrinks=0, counted_from=self._given_burn_in or 0, steps=0, rejected=0,
             last_probe=None, moves=[], heldout=[]))
+
+    @property
+    def burn_in(self) -> float:
+        """The burn-in's end; with --burn-in auto infinite until rtllm.run.burn_in decides it."""
+        decided = self.state.get("burn_in", self._given_burn_in)
+        return math.inf if decided is None else decided
 
     def after_step(self, t: int, rejected: bool) -> bool:
         """Count step t; True when --dt auto shrank dt (state["dt"]) and the sampler must follow."""
         s, dt = self.s, self.state["dt"]
-        if t >= s["counted_from"]:
+        if t >= s["counted_from"] and t >= self.burn_in:
             s["steps"] += 1
             s["rejected"] += rejected
         s["window_rejected"] += rejected
@@ -109,7 +116,7 @@ class MovementWatch:
         s["shrinks"] += 1
         s["window_start"], s["window_rejected"] = t + 1, 0
         # Steps taken with the old dt no longer count for the stuck verdict.
-        s["counted_from"] = max(self.burn_in, t + 1)
+        s["counted_from"] = t + 1  # (and only sampling steps count: after_step)
         s["steps"] = s["rejected"] = 0
         return new
 
