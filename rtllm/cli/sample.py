@@ -44,7 +44,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--scale-likelihood", type=float, help="S in ln p = -S * mean token loss (instead of --loss-tolerance)")
     a("--scale", choices=["tolerance", "tokens", "tempered"], default=d["scale"].default,
       help="S when not given: D/(2*tol) (the paper's), the number of training tokens, or their "
-      "geometric mean (%(default)s; docs/uncertainty.md)")
+      "geometric mean (%(default)s: docs/uncertainty.md)")
     a("--prior-scale", type=float, help="std of an isotropic Gaussian prior on the weights (default: none)")
     a("--prior-center", choices=["zero", "start"], default="zero", help="prior mean: zero, or the starting "
       "weights (+2 bytes/parameter) (%(default)s)")
@@ -89,7 +89,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
       "steps (default: 80/10/10%% of the burn-in; MILE uses 40000 5000 5000)")
     a("--mclmc-target", choices=["unbiased", "mile"], default=d["mclmc_target"].default,
       help="MCLMC tuner's energy-variance schedule: unbiased (1e-4 -> 2e-6), or MILE's 0.5 -> 0.1, "
-      "biased on Gaussians (%(default)s; rtllm mile: mile)")
+      "biased on Gaussians (%(default)s: rtllm mile uses mile)")
     a("--starts", type=int, default=1, help="K > 1: K chains from K starts (members fine-tuned from "
       "--model with AdamW under their own seeds, as `rtllm mile` does), merged into one ensemble "
       "in OUT/chains; `rtllm evaluate` reports within- and between-chain uncertainty (%(default)s)")
