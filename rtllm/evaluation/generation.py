@@ -117,12 +117,10 @@ def generation_html(gen: Generation) -> str:
                          "maxAlpha": SHADE_MAX_ALPHA})
     page = _PAGE.format(rgb=rgb, max_alpha=SHADE_MAX_ALPHA, summary=rows, options=options,
                         vmax=_fmt(vmaxes[0]), half=_fmt(vmaxes[0] / 2), pct=_fmt(COLOR_PERCENTILE),
-                        sections=section, scales=scales)
-    return (page.replace("<title>rtllm: token-level predictive uncertainty</title>",
-                         "<title>rtllm generate: where the ensemble disagrees</title>")
-                .replace("<h1>Token-level predictive uncertainty</h1>",
-                         "<h1>Generated text and its uncertainty</h1>")
-                .replace("</style>", ".prompt { color: #777; }\n</style>"))
+                        sections=section, scales=scales, title="Generated text and its uncertainty",
+                        inputs=f"<p>{gen.n_samples} samples; the prompt in grey, then the continuation.</p>",
+                        shown="every token is shown below", n_id=len(gen.tokens), n_ood=0)
+    return page.replace("</style>", ".prompt { color: #777; }\n</style>")
 
 
 def write_generation(gen: Generation, path: Path) -> Path:

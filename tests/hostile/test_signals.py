@@ -38,7 +38,9 @@ def _wait_for_steps(out, n: int, proc: subprocess.Popen, timeout: float = 120) -
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_at_a_safe_point_with_the_resume_command(tiny_model_dir, train_file, tmp_path,
-                                                                 signum, code, capsys):
+                                                                 signum, code, capsys, one_thread):
+    # one_thread: the stopped run ran with OMP_NUM_THREADS=1, and a CPU chain is byte-reproducible
+    # at the same thread count only (LayerNorm's backward sums per thread), so the runs below too.
     out = tmp_path / "run"
     argv = sample_argv(tiny_model_dir, train_file, out) + LONG_RUN
     proc = _start(argv)

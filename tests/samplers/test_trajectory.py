@@ -149,6 +149,7 @@ def _rosenbrock(x0, n, burn, dt=0.015, n_leapfrog=100):
     assert_z({"mean": s, "var": (s - mu) ** 2}, {"mean": mu, "var": var}, burn=burn)
 
 
+@pytest.mark.slow  # ~23 s: the suite stays under 8 minutes (README: the slow set)
 def test_rosenbrock_pairs_10d():
     """Chains start from exact samples, so every draw counts; a sampler with the wrong
     stationary law drifts away within its autocorrelation time (~10-30 trajectories). dt = 0.015:
