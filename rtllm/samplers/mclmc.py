@@ -135,6 +135,18 @@ class MCLMCRule:
             setattr(self, key, np.asarray(state[key], dtype=np.float64).reshape(self.shape))
 
 
+def step_losses(closure, loss, end_loss):
+    """(loss, end_loss) of a step: given, or what the closure returns (a loss or both)."""
+    if closure is not None:
+        if loss is not None or end_loss is not None:
+            raise ValueError("pass a closure or loss=/end_loss=, not both")
+        with torch.enable_grad():
+            loss = closure()
+        if isinstance(loss, tuple):
+            loss, end_loss = loss
+    return loss, end_loss
+
+
 class MCLMC(FlatSampler):
     """Microcanonical Langevin Monte Carlo as a drop-in torch optimizer (MILE's sampler).
 
@@ -244,13 +256,7 @@ class MCLMC(FlatSampler):
         minibatch, or the energy change is swamped by S x the loss difference between batches
         (~1e6 at S ~ 1e7): at a boundary, `end_loss` is the loss at the current position on the
         finished step's minibatch (a closure may return `(loss, end_loss)`)."""
-        if closure is not None:
-            if loss is not None or end_loss is not None:
-                raise ValueError("pass a closure or loss=/end_loss=, not both")
-            with torch.enable_grad():
-                loss = closure()
-            if isinstance(loss, tuple):
-                loss, end_loss = loss
+        loss, end_loss = step_losses(closure, loss, end_loss)
         eps, L = self.step_size, self.L
         self._collect_gradient()
         key = self._noise_key(self._rule.schedule(eps))

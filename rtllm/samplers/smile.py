@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from rtllm.samplers import rules
-from rtllm.samplers.mclmc import MCLMC, MCLMCRule
+from rtllm.samplers.mclmc import MCLMC, MCLMCRule, step_losses
 from rtllm.samplers.smile_controller import ControllerConfig, StepSizeController
 
 _UNUSED_L = 1.0  # MCLMC's machinery takes a refresh rate; SMILE's schedule never refreshes
@@ -89,13 +89,7 @@ class SMILE(MCLMC):
     def step(self, closure: Callable[[], Tensor] | None = None, *, loss=None, end_loss=None):
         """One gradient, half a full step. `loss` is required at step boundaries (the controller
         reads the energy); `end_loss` as for MCLMC.step."""
-        if closure is not None:
-            if loss is not None or end_loss is not None:
-                raise ValueError("pass a closure or loss=/end_loss=, not both")
-            with torch.enable_grad():
-                loss = closure()
-            if isinstance(loss, tuple):
-                loss, end_loss = loss
+        loss, end_loss = step_losses(closure, loss, end_loss)
         rule = self._rule
         if rule.at_boundary and loss is None:
             raise ValueError("SMILE needs the loss at every step boundary: step(loss=...) or a closure "

@@ -67,7 +67,8 @@ def _args(model_dir, train_file, out) -> list[str]:
     return ["--model", str(model_dir), "--train", str(train_file), "--out", str(out), *RUN]
 
 
-@pytest.mark.parametrize("world", [2, 3])
+# W = 3 from the CLI is in the slow set (tests/state/test_sharded.py checks W = 3 in every run).
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_sharded_run_writes_the_one_process_samples(world, tiny_model_dir, train_file, tmp_path,
                                                     one_thread):
     alone = tmp_path / "alone"
@@ -97,6 +98,7 @@ def _rank_pid(agent: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow  # ~35 s: keeps the suite under 8 minutes (README: the slow set)
 def test_a_killed_rank_and_resume_end_at_the_same_sample(tiny_model_dir, train_file, tmp_path,
                                                          one_thread):
     whole = tmp_path / "whole"  # the uninterrupted chain: one process, the 2 ranks' parts in turn

@@ -168,6 +168,7 @@ def test_hmc_bias_grows_with_gradient_noise():
     assert abs(bias0) < 4 * se0, f"HMC at sigma=0: bias {bias0:+.4f} +- {se0:.4f}"
 
 
+@pytest.mark.slow  # ~80 s (its HMC chains are no longer shared with the slow bias test)
 def test_hmc_heats_more_than_ray_tracing():
     """At sigma = 3, HMC's bias exceeds 3x ray tracing's by more than 4 standard errors.
 
