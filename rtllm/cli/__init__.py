@@ -42,50 +42,42 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=DefaultsFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, text: str) -> argparse.ArgumentParser:
+    def command(name: str, text: str, func, *add_args) -> argparse.ArgumentParser:
+        """Register a subcommand: its options (the add_*_args given) and the cmd_* it runs."""
         # The one-line help of the command list is also the description atop its own --help.
-        return commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
-                                   formatter_class=DefaultsFormatter)
+        p = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                                formatter_class=DefaultsFormatter)
+        for add in add_args:
+            add(p)
+        p.set_defaults(func=func)
+        return p
 
-    p = command("sample", "sample the weights of a Hugging Face checkpoint")
-    add_sample_args(p)
-    p.set_defaults(func=cmd_sample)
-    p = command("mile", "MILE: train K ensemble members, sample each with tuned MCLMC, merge")
-    add_sample_args(p)
-    add_mile_args(p)
-    p.set_defaults(func=cmd_mile)
-    p = command("fiber", "walk particles along the fiber of a trained model, fit a map, write ensembles")
-    add_fiber_args(p)
-    p.set_defaults(func=cmd_fiber)
-    p = command("merge", "list the samples of every chain in DIR/chains in DIR/ensemble.json")
+    command("sample", "sample the weights of a Hugging Face checkpoint", cmd_sample, add_sample_args)
+    command("mile", "MILE: train K ensemble members, sample each with tuned MCLMC, merge", cmd_mile,
+            add_sample_args, add_mile_args)
+    command("fiber", "walk particles along the fiber of a trained model, fit a map, write ensembles",
+            cmd_fiber, add_fiber_args)
+    p = command("merge", "list the samples of every chain in DIR/chains in DIR/ensemble.json", cmd_merge)
     p.add_argument("dir", help="the --out of a multi-chain run (torchrun ... rtllm sample, or --chain K)")
     p.add_argument("--require-all", action="store_true", help="refuse unless every chain has finished")
     p.add_argument("--no-verify", action="store_true", help="skip re-hashing the sample files")
-    p.set_defaults(func=cmd_merge)
-    p = command("pretrain", "train the tiny built-in GPT-2 (no download)")
+    p = command("pretrain", "train the tiny built-in GPT-2 (no download)", cmd_pretrain)
     p.add_argument("--out", required=True, help="directory for the model and tokenizer")
     p.add_argument("--text", nargs="+", help="training text files (default: the bundled corpus)")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and batch order")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.set_defaults(func=cmd_pretrain)
-    p = command("evaluate", "token-level predictive uncertainty of an ensemble")
-    add_evaluate_args(p)
-    p.set_defaults(func=cmd_evaluate)
-    p = command("generate", "continue a prompt with the ensemble, colored by epistemic uncertainty")
-    add_generate_args(p)
-    p.set_defaults(func=cmd_generate)
-    p = command("export", "expand an ensemble (any sample format) into from_pretrained directories")
-    add_export_args(p)
-    p.set_defaults(func=cmd_export)
-    p = command("plan", "memory plan of a sampling run: bytes per component, and whether it fits")
-    add_plan_args(p)
-    p.set_defaults(func=cmd_plan)
-    p = command("demo", "pretrain (or reuse) the tiny model, sample it, export and evaluate")
+    command("evaluate", "token-level predictive uncertainty of an ensemble", cmd_evaluate, add_evaluate_args)
+    command("generate", "continue a prompt with the ensemble, colored by epistemic uncertainty", cmd_generate,
+            add_generate_args)
+    command("export", "expand an ensemble (any sample format) into from_pretrained directories", cmd_export,
+            add_export_args)
+    command("plan", "memory plan of a sampling run: bytes per component, and whether it fits", cmd_plan,
+            add_plan_args)
+    p = command("demo", "pretrain (or reuse) the tiny model, sample it, export and evaluate", cmd_demo)
     p.add_argument("--out", default="rtllm-demo", help="working directory (%(default)s)")
     p.add_argument("--steps", type=int, default=DEMO_STEPS, help="sampler steps, burn-in included (%(default)s)")
     p.add_argument("--overwrite", action="store_true", help="re-run the sampling even if it exists")
-    p.set_defaults(func=cmd_demo)
     return parser
 
 
