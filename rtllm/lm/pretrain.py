@@ -246,6 +246,7 @@ def pretrain(
     n_head: int = 4,
     batch_size: int = 8,
     lr: float = 2e-3,
+    activation: str = "gelu_pytorch_tanh",
     seed: int = 0,
     overwrite: bool = False,
     log: Callable[[str], None] | None = print,
@@ -255,7 +256,9 @@ def pretrain(
     `texts` defaults to `rtllm.lm.corpus.train_files()`. The result is built in a temporary sibling
     directory and renamed into place, so `out_dir` is either absent or complete. Losses (nats
     per token, dropout off) go to `log` and to `rtllm_pretrain.json` in `out_dir`.
-    Deterministic for a given seed on a given machine and thread count.
+    Deterministic for a given seed on a given machine and thread count. `activation`: GPT-2's tanh
+    GELU as torch's fused kernel (the same function as GPT-2's "gelu_new", which transformers spells
+    out in five elementwise ops): forward+backward 20-30% faster on CPU.
     """
     out_dir = Path(out_dir)
     say = log or (lambda _msg: None)
@@ -280,6 +283,7 @@ def pretrain(
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=seq_len, n_embd=n_embd, n_layer=n_layer,
         n_head=n_head, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        activation_function=activation,
     )
     with _deterministic(seed):
         model = GPT2LMHeadModel(config)
@@ -298,7 +302,7 @@ def pretrain(
     info = {
         "texts": [p.name for p in paths], "steps": steps, "vocab_size": len(tokenizer),
         "seq_len": seq_len, "n_layer": n_layer, "n_embd": n_embd, "n_head": n_head,
-        "batch_size": batch_size, "lr": lr, "seed": seed, "n_params": n_params,
+        "batch_size": batch_size, "lr": lr, "activation": activation, "seed": seed, "n_params": n_params,
         "initial_val_loss": initial_val, "train_loss": train_loss, "val_loss": val_loss,
         "seconds": seconds,
     }
