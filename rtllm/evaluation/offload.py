@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from rtllm.lm.out_of_memory import is_out_of_memory, release_memory
+
 
 def dispatch_offloaded(model: torch.nn.Module, max_memory: dict, offload_dir: Path | str | None = None
                        ) -> torch.nn.Module:
@@ -62,16 +64,16 @@ def forward_in_pieces(forward: Callable[[Tensor], Tensor], inputs: Tensor,
     the pieces already consumed are not repeated, and the size stays halved for later calls.
     The behaviour of accelerate's find_executable_batch_size, without its garbage collection
     on every call (this runs once per sample and chunk)."""
-    from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
-
     done = 0
     while done < len(inputs):
         try:
             out = forward(inputs[done:done + size.windows])
         except Exception as e:
-            if not should_reduce_batch_size(e) or size.windows == 1:
+            if not is_out_of_memory(e) or size.windows == 1:
                 raise
-            clear_device_cache(garbage_collection=True)
+            out = None
+        if out is None:  # outside the except block: the traceback no longer holds its tensors
+            release_memory()
             size.windows //= 2
             continue
         consume(out, done)
