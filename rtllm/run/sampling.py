@@ -33,6 +33,7 @@ from rtllm.lm.loss import lm_loss
 from rtllm.lm.model_io import load_model_and_tokenizer, prepare_for_sampling, resolve_device, select_parameters
 from rtllm.store.runlog import RunLog, peak_memory_bytes
 from rtllm.run.sampler_setup import build_sampler, load_init_weights
+from rtllm.store.delta import sample_disk_bytes
 from rtllm.store.manifest import RUN_MARKER
 from rtllm.store.writer import SampleWriter, check_free_disk, copy_tokenizer, estimate_run_disk
 from rtllm.state.progress import Progress
@@ -148,12 +149,12 @@ class SamplingRun(StepSizeChoice):
         return named
 
     def _check_disk(self) -> None:
-        bytes_per_sample = sum(t.numel() * (4 if self.cfg.sample_dtype == "fp32" else t.element_size())
-                               for t in self.model.state_dict().values())
+        per_sample, once = sample_disk_bytes(self.model, self.cfg.sample_format, fp32=self.cfg.sample_dtype == "fp32")
         per_param = 8 * (2 if self.state["undo"] else 1) + (2 if self.cfg.prior_center == "start" else 0)
         # x2: a new checkpoint is written next to the old one before it replaces it.
-        need = estimate_run_disk(bytes_per_sample, self.n_samples, 2 * self.num_params * per_param)
-        check_free_disk(self.cfg.out_dir, need, what=f"{self.n_samples} samples and a checkpoint")
+        need = once + estimate_run_disk(per_sample, self.n_samples, 2 * self.num_params * per_param)
+        check_free_disk(self.cfg.out_dir, need, what=f"{self.n_samples} samples"
+                        f"{'' if once == 0 else ' (' + self.cfg.sample_format + '), the start'} and a checkpoint")
 
     def _backup_fits(self) -> bool:
         """Undoing a rejected step needs a copy of x and v (8 bytes/parameter)."""
