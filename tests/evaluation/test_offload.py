@@ -96,6 +96,7 @@ def test_evaluate_with_layers_offloaded_equals_the_in_memory_evaluation(ensemble
 
     text = tmp_path / "t.txt"
     text.write_text(corpus_text(1200, offset=3000))
+    monkeypatch.setattr(streaming, "windows_per_chunk", lambda *a, **k: 40)  # two chunks
     want = evaluate(ensemble_dir, [text], seq_len=16, baseline=tiny_model_dir)
     placed, dispatch = [], offload.dispatch_offloaded
 
@@ -108,7 +109,7 @@ def test_evaluate_with_layers_offloaded_equals_the_in_memory_evaluation(ensemble
     monkeypatch.setattr(streaming, "dispatch_offloaded", spy)
     got = evaluate(ensemble_dir, [text], seq_len=16, baseline=tiny_model_dir, offload=SMALL_BUDGET,
                    offload_dir=tmp_path / "off")
-    assert len(placed) == 3  # the baseline, then each sample once (one chunk)
+    assert len(placed) == 4  # the baseline; samples 0, 1, then 0 again (the second chunk runs backwards)
     assert all({"cpu", "disk"} <= where and files for where, files in placed)  # really offloaded
     assert not list((tmp_path / "off").rglob("*.dat"))  # each removed when the next replaced it
     for key in ("nll_bma", "mean_epistemic", "nll_baseline_mean"):
