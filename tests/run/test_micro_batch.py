@@ -30,7 +30,11 @@ def test_smaller_micro_batch_divides_the_batch():
     assert smaller_micro_batch(12, 3) == 1 and smaller_micro_batch(9, 9) == 3
 
 
-def test_backing_off_retries_the_same_work_smaller_and_keeps_the_size():
+def test_backing_off_retries_the_same_work_smaller_and_keeps_the_size(monkeypatch):
+    from rtllm.run import micro_batch
+
+    released = []  # the cache is emptied before each smaller try (here: counted, not collected)
+    monkeypatch.setattr(micro_batch, "release_memory", lambda: released.append(1))
     state, tried, said = {"micro_batch": None}, [], []
 
     def work(micro):
@@ -41,6 +45,7 @@ def test_backing_off_retries_the_same_work_smaller_and_keeps_the_size():
 
     assert backing_off(work, state, 12, lambda f, m: said.append((f, m))) == 30
     assert tried == [12, 6, 3] and state["micro_batch"] == 3 and said == [([12, 6], 3)]
+    assert len(released) == 2
     tried.clear()
     assert backing_off(work, state, 12, lambda f, m: said.append((f, m))) == 30
     assert tried == [3] and len(said) == 1  # the size stays; nothing more to say
