@@ -5,17 +5,17 @@ import argparse
 import sys
 from pathlib import Path
 
-def _bytes(text: str) -> int:
+def _bytes(text: str, option: str = "--max-memory") -> int:
     units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     unit = t[-1:] if t[-1:] in "kmg" and t[-1:] else ""
     try:
         value = float(t[: len(t) - len(unit)]) * units[unit]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--max-memory must be bytes, e.g. 1073741824 or 1G, "
+        raise argparse.ArgumentTypeError(f"{option} must be bytes, e.g. 1073741824 or 1G, "
                                          f"got {text!r}") from None
     if not value >= 1:
-        raise argparse.ArgumentTypeError(f"--max-memory must be positive, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{option} must be positive, got {text!r}")
     return int(value)
 
 
@@ -42,8 +42,21 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
       "(the text shaded by uncertainty), diagnostics.json (convergence), summary_unmasked.json "
       "(when samples are masked) and evaluation.json (its inputs; written last, when complete). "
       "Other files there are left alone")
+    add_offload_args(p)
     a("--recompute", action="store_true", help="evaluate again even if --out holds a complete "
       "evaluation of the same ensemble, texts and options (it is reused otherwise)")
+
+
+def add_offload_args(p: argparse.ArgumentParser) -> None:
+    """Samples larger than the device (accelerate's big-model dispatch), for evaluate and generate."""
+    a = p.add_argument
+    a("--offload", type=lambda t: _bytes(t, "--offload"), help="keep at most this much of each sample's "
+      "weights on the device, e.g. 4G; accelerate dispatches the layers that do not fit to host memory "
+      "(on the CPU: to disk) and brings them in layer by layer (default: the whole sample on the device)")
+    a("--offload-host", type=lambda t: _bytes(t, "--offload-host"), help="with --offload on a GPU: at "
+      "most this much in host memory, the rest on disk (default: the free host memory)")
+    a("--offload-dir", help="with --offload: where the layers that go to disk are written (default: a "
+      "temporary directory, removed at the end)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -57,7 +70,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   baseline=args.baseline, seq_len=args.seq_len, max_samples=args.max_samples,
                   max_memory=args.max_memory, mask_heldout_above=args.mask_heldout_above,
                   include_masked=args.include_masked, device=args.device, encoding=args.encoding,
-                  recompute=args.recompute)
+                  recompute=args.recompute, offload=args.offload, offload_host=args.offload_host,
+                  offload_dir=args.offload_dir)
     done = run_job(job, say=lambda m: print(f"rtllm evaluate: {m}", file=sys.stderr))
     for key, value in done.summary.items():
         if isinstance(value, dict):  # the stationarity verdict: its message below

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+
+from rtllm.cli.evaluate import add_offload_args
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -20,16 +23,35 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     a("--html", default="rtllm-generate.html", help="page to write (%(default)s)")
     a("--color", choices=["auto", "always", "never"], default="auto",
       help="color the terminal output by epistemic uncertainty (auto: when stdout is a terminal)")
+    add_offload_args(p)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from rtllm.evaluation.ensemble_lm import EnsembleForCausalLM
-    from rtllm.evaluation.generation import generate_text, terminal_text, write_generation
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    lm = EnsembleForCausalLM.from_ensemble(args.ensemble, max_samples=args.max_samples,
-                                           device=args.device, mask="manifest")
+    if args.offload is None and (args.offload_host is not None or args.offload_dir is not None):
+        raise ValueError("--offload-host and --offload-dir go with --offload (the bytes of each sample "
+                         "to keep on the device)")
+    with tempfile.TemporaryDirectory(prefix="rtllm-offload-") as scratch:
+        if args.offload is None:
+            lm = EnsembleForCausalLM.from_ensemble(args.ensemble, max_samples=args.max_samples,
+                                                   device=args.device, mask="manifest")
+        else:  # every sample dispatched by accelerate, its layers that do not fit offloaded
+            from rtllm.evaluation.offload import offload_memory
+            from rtllm.lm.model_io import resolve_device
+
+            budget = offload_memory(resolve_device(args.device), args.offload, args.offload_host)
+            lm = EnsembleForCausalLM.from_ensemble(args.ensemble, max_samples=args.max_samples,
+                                                   mask="manifest", max_memory=budget,
+                                                   offload_dir=args.offload_dir or scratch)
+        return _generate(lm, args)
+
+
+def _generate(lm, args: argparse.Namespace) -> int:
+    from rtllm.evaluation.generation import generate_text, terminal_text, write_generation
+
     gen = generate_text(lm, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         seed=args.seed)

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from rtllm.evaluation.offload import dispatch_offloaded
+from rtllm.evaluation.offload import load_dispatched, main_device
 from rtllm.evaluation.streaming import _compute_dtype, load_ensemble_tokenizer, select_samples
 from rtllm.lm.model_io import resolve_device
 from rtllm.store.delta import DeltaCodec, codec_for
@@ -103,12 +103,11 @@ class EnsembleForCausalLM(torch.nn.Module):
         dtype = dtype or _compute_dtype(getattr(model.config, "dtype", None), device)
         tokenizer = load_ensemble_tokenizer(ens.out_dir)
         if max_memory is not None:
-            members = [dispatch_offloaded(
-                ens.load_model(e["index"], dtype=dtype, local_files_only=True).eval(), max_memory,
-                None if offload_dir is None else Path(offload_dir) / f"{e['index']:06d}") for e in used]
+            members = [load_dispatched(ens, e["index"], dtype, max_memory,
+                                       None if offload_dir is None else Path(offload_dir) / f"{e['index']:06d}")
+                       for e in used]
             lm = cls(members[0], members, [e["weight"] for e in used], tokenizer=tokenizer)
-            main = next((d for d in members[0].hf_device_map.values() if d not in ("cpu", "disk")), "cpu")
-            lm.log_weights = lm.log_weights.to(main)  # .to() would undo the dispatch
+            lm.log_weights = lm.log_weights.to(main_device(members[0]))  # .to() would undo the dispatch
             return lm
         model = model.to(device=device, dtype=dtype)
         starts: dict[str, dict[str, Tensor]] = {}  # one per chain in a merged ensemble

@@ -16,8 +16,11 @@ from rtllm.lm.data import read_texts
 
 @dataclass(frozen=True)
 class EvalJob:
-    """The inputs of `rtllm evaluate`; everything but `device` and `max_memory` can change the
-    numbers and is part of the fingerprint (those two change only how they are computed)."""
+    """The inputs of `rtllm evaluate`; everything but `device`, `max_memory` and the offload
+    settings can change the numbers and is part of the fingerprint (those change only how they
+    are computed). offload: bytes of each sample on the device, the rest dispatched to host
+    memory (offload_host bytes, None: what is free) and disk (offload_dir, None: a temporary
+    directory); see rtllm.evaluation.offload."""
 
     ensemble: str
     data: tuple[str, ...]
@@ -32,10 +35,16 @@ class EvalJob:
     device: str = "auto"
     encoding: str | None = None
     recompute: bool = False
+    offload: int | None = None
+    offload_host: int | None = None
+    offload_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not self.data:
             raise ValueError("give at least one --data file or directory")
+        if self.offload is None and (self.offload_host is not None or self.offload_dir is not None):
+            raise ValueError("--offload-host and --offload-dir go with --offload (the bytes of each "
+                             "sample to keep on the device)")
 
 
 @dataclass
@@ -98,6 +107,22 @@ def _texts(paths: Sequence[str]) -> dict[str, str]:
 
 
 def _evaluate_into(job: EvalJob, staging: Path, inputs: dict, say: Callable[[str], None]) -> EvalOutcome:
+    import tempfile
+
+    if job.offload is None:
+        return _evaluate_offloaded(job, staging, inputs, say, None, None)
+    from rtllm.evaluation.offload import offload_memory
+    from rtllm.lm.model_io import resolve_device
+
+    budget = offload_memory(resolve_device(job.device), job.offload, job.offload_host)
+    if job.offload_dir is not None:
+        return _evaluate_offloaded(job, staging, inputs, say, budget, job.offload_dir)
+    with tempfile.TemporaryDirectory(prefix="rtllm-offload-") as where:
+        return _evaluate_offloaded(job, staging, inputs, say, budget, where)
+
+
+def _evaluate_offloaded(job: EvalJob, staging: Path, inputs: dict, say: Callable[[str], None],
+                        offload: dict | None, offload_dir: str | None) -> EvalOutcome:
     from rtllm.evaluation.chain_split import evaluate_by_chain
     from rtllm.evaluation.diagnostics import diagnose, stationarity
     from rtllm.evaluation.streaming import evaluate, write_evaluation
@@ -108,7 +133,8 @@ def _evaluate_into(job: EvalJob, staging: Path, inputs: dict, say: Callable[[str
                         seq_len=job.seq_len, max_samples=job.max_samples, max_memory=job.max_memory,
                         mask="manifest" if masking else None,
                         mask_heldout_above=job.mask_heldout_above if masking else None,
-                        device=job.device, encoding=job.encoding, progress=say)
+                        device=job.device, encoding=job.encoding, progress=say,
+                        offload=offload, offload_dir=offload_dir)
 
     result = run(masking=not job.include_masked)
     try:  # the chains' stationarity verdict, the same one `rtllm sample` prints at its end

@@ -3,7 +3,10 @@
 `dispatch_offloaded` places a built model's modules by `accelerate.infer_auto_device_map`
 under a memory budget and dispatches it (`accelerate.dispatch_model`): modules that do not fit
 on the device stay in host memory, or on disk when the budget names no room for them, and are
-brought to the device layer by layer in each forward. `forward_in_pieces` runs a forward over
+brought to the device layer by layer in each forward. `load_dispatched` builds one sample so
+(EnsembleForCausalLM holds each sample that way); `OffloadedLoader` gives `rtllm evaluate`
+one dispatched sample at a time, in its order, removing each one's disk offload when the next
+replaces it; `offload_memory` turns `--offload` / `--offload-host` into accelerate's budget. `forward_in_pieces` runs a forward over
 windows in pieces and, on an out-of-memory error, retries the rest with smaller pieces
 (the behaviour of `accelerate.utils.find_executable_batch_size`), remembering the size that fit.
 
@@ -15,12 +18,17 @@ is for reading samples, not for sampling.
 """
 from __future__ import annotations
 
+import gc
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+from rtllm.lm.out_of_memory import is_out_of_memory, release_memory
+from rtllm.store.ensemble import Ensemble
 
 
 def dispatch_offloaded(model: torch.nn.Module, max_memory: dict, offload_dir: Path | str | None = None
@@ -48,6 +56,69 @@ def dispatch_offloaded(model: torch.nn.Module, max_memory: dict, offload_dir: Pa
     return model
 
 
+def main_device(model: torch.nn.Module):
+    """Where a dispatched model computes: its first accelerator in the map, else the CPU."""
+    return next((d for d in model.hf_device_map.values() if d not in ("cpu", "disk")), "cpu")
+
+
+def load_dispatched(ensemble: Ensemble, index: int, dtype: torch.dtype, max_memory: dict,
+                    offload_dir: Path | str | None) -> torch.nn.Module:
+    """Sample `index` built in host memory in `dtype`, then dispatched by `max_memory`
+    (its disk offload, if any, in `offload_dir`)."""
+    model = ensemble.load_model(index, dtype=dtype, local_files_only=True).eval()
+    return dispatch_offloaded(model, max_memory, offload_dir)
+
+
+def offload_memory(device: torch.device, on_device: int, in_host: int | None = None) -> dict:
+    """accelerate's max_memory for one sample: `on_device` bytes of its weights on the
+    evaluation device; on a GPU the rest in host memory (`in_host` bytes, None: what is free),
+    then on disk; on the CPU, where the host is the device, the rest on disk."""
+    if device.type == "cpu":
+        if in_host is not None:
+            raise ValueError("on the CPU the device is the host memory: give --offload alone (the "
+                             "bytes of each sample kept in memory; the rest goes to disk)")
+        return {"cpu": int(on_device)}
+    if device.type != "cuda":
+        raise ValueError(f"offloading dispatches to a CUDA device or the CPU, not {device}")
+    from accelerate.utils import get_max_memory
+
+    host = get_max_memory()["cpu"] if in_host is None else int(in_host)
+    return {device.index or 0: int(on_device), "cpu": host}
+
+
+class OffloadedLoader:
+    """One dispatched sample at a time, in the order `plan` (as SampleLoader, whose in-place
+    copy cannot reach weights that live on disk): `model` is the loaded sample's own model."""
+
+    def __init__(self, ensemble: Ensemble, plan: list[int], dtype: torch.dtype, max_memory: dict,
+                 offload_dir: Path | str | None, *, loaded: int) -> None:
+        self.ensemble, self.plan, self.dtype, self.max_memory = ensemble, plan, dtype, max_memory
+        self.offload_dir = None if offload_dir is None else Path(offload_dir)
+        self._pos = 0
+        self.loaded = loaded
+        self.model = load_dispatched(ensemble, loaded, dtype, max_memory, self._dir(loaded))
+
+    def _dir(self, index: int) -> Path | None:
+        return None if self.offload_dir is None else self.offload_dir / f"{index:06d}"
+
+    def _drop(self) -> None:
+        self.model = None  # its memory maps closed before its files go
+        gc.collect()
+        if self.offload_dir is not None:
+            shutil.rmtree(self._dir(self.loaded), ignore_errors=True)
+
+    def load_next(self) -> int:
+        index = self.plan[self._pos]
+        self._pos += 1
+        self._drop()
+        self.model = load_dispatched(self.ensemble, index, self.dtype, self.max_memory, self._dir(index))
+        self.loaded = index
+        return index
+
+    def close(self) -> None:
+        self._drop()
+
+
 @dataclass
 class PieceSize:
     """Windows per forward; lowered for good when a forward runs out of memory."""
@@ -62,16 +133,16 @@ def forward_in_pieces(forward: Callable[[Tensor], Tensor], inputs: Tensor,
     the pieces already consumed are not repeated, and the size stays halved for later calls.
     The behaviour of accelerate's find_executable_batch_size, without its garbage collection
     on every call (this runs once per sample and chunk)."""
-    from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
-
     done = 0
     while done < len(inputs):
         try:
             out = forward(inputs[done:done + size.windows])
         except Exception as e:
-            if not should_reduce_batch_size(e) or size.windows == 1:
+            if not is_out_of_memory(e) or size.windows == 1:
                 raise
-            clear_device_cache(garbage_collection=True)
+            out = None
+        if out is None:  # outside the except block: the traceback no longer holds its tensors
+            release_memory()
             size.windows //= 2
             continue
         consume(out, done)

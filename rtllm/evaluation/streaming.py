@@ -19,6 +19,7 @@ pass of its own before the samples, then freed).
 from __future__ import annotations
 
 import math
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 
 from rtllm.evaluation import metrics
 from rtllm.lm.data import context_length, pack, read_texts, tokenize_texts
-from rtllm.evaluation.offload import PieceSize, forward_in_pieces
+from rtllm.evaluation.offload import OffloadedLoader, PieceSize, dispatch_offloaded, forward_in_pieces
 from rtllm.store.ensemble import Ensemble
 from rtllm.evaluation.metrics import TOKEN_TABLE_KEYS, TokenTable, write_token_table  # noqa: F401 (API)
 from rtllm.lm.model_io import load_tokenizer, resolve_device
@@ -59,7 +60,8 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
              mask: None | str | Callable[[dict], bool] = None,
              mask_heldout_above: float | None = None, device: str | torch.device = "cpu",
              progress: Callable[[str], None] | None = None,
-             encoding: str | None = None) -> EvalResult:
+             encoding: str | None = None, offload: dict | None = None,
+             offload_dir: str | Path | None = None) -> EvalResult:
     """Per-token BMA metrics of the ensemble in `ensemble_dir` on `texts` (files/directories).
 
     `ood_texts`: out-of-distribution texts, scored too (is_ood) and used for the OOD AUROCs.
@@ -71,6 +73,10 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
     `mask_heldout_above` additionally drops samples whose manifest heldout_loss exceeds it.
     `max_samples`: that many of the remaining samples, evenly spaced in manifest order.
     `encoding`: of the text files (default: UTF-8, strictly).
+    `offload`: samples larger than the device. accelerate's max_memory for one sample (e.g.
+    {0: "2GiB", "cpu": "30GiB"}; rtllm.evaluation.offload.offload_memory): each sample (and
+    the baseline) is built in host memory and dispatched, the layers that do not fit on the
+    device in host memory or, past that, on disk in `offload_dir`; one sample at a time.
     """
     say = progress or (lambda message: None)
     device = resolve_device(device)
@@ -108,16 +114,23 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
     nll_base = np.full(windows.shape[0] * seq_len, np.nan)
     if base_model is not None:  # first, so that its model is freed before the samples' is built
         say(f"the starting checkpoint {baseline} first, then the samples")
+        if offload is not None:  # dispatched as the samples are
+            base_model = dispatch_offloaded(base_model.to(dtype).eval(), offload,
+                                            None if offload_dir is None else Path(offload_dir) / "baseline")
         nll_base = baseline_nll(base_model, windows, chunks, device, block_bytes,
                                 show_progress=progress is not None)
         base_model = None
-    model = ensemble.load_model(used[0]["index"], dtype=dtype, local_files_only=True)
-    model = model.to(device).eval()
+        if offload is not None and offload_dir is not None:
+            shutil.rmtree(Path(offload_dir) / "baseline", ignore_errors=True)
     # Chunk c visits the samples forwards (c even) or backwards: the boundary sample stays loaded.
     orders = [used if c % 2 == 0 else used[::-1] for c in range(len(chunks))]
     plan = [e["index"] for order in orders for e in order]
     plan = [i for prev, i in zip([used[0]["index"]] + plan, plan) if i != prev]
-    loader = SampleLoader(ensemble, plan, model, device, loaded=used[0]["index"])
+    if offload is None:
+        model = ensemble.load_model(used[0]["index"], dtype=dtype, local_files_only=True)
+        loader = SampleLoader(ensemble, plan, model.to(device).eval(), device, loaded=used[0]["index"])
+    else:
+        loader = OffloadedLoader(ensemble, plan, dtype, offload, offload_dir, loaded=used[0]["index"])
     parts, pieces = [], PieceSize(FORWARD_WINDOWS)
     bar = Progress(len(chunks) * len(used), "evaluate", unit="sample pass", enabled=progress is not None)
     try:
@@ -132,9 +145,9 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
                     # elementwise layers over gigabytes of activations (~2x slower on CPU).
                     # Out of memory: the rest in smaller pieces (offload.forward_in_pieces).
                     forward_in_pieces(
-                        lambda x: model(input_ids=x[:, :-1], use_cache=False).logits, seqs,
-                        lambda logits, w: acc.add_block(logits.reshape(-1, logits.shape[-1]),
-                                                        entry["weight"], w * seq_len), pieces)
+                        lambda x: loader.model(input_ids=x[:, :-1], use_cache=False).logits, seqs,
+                        lambda logits, w, acc=acc: acc.add_block(logits.reshape(-1, logits.shape[-1]),
+                                                                 entry["weight"], w * seq_len), pieces)
                     acc.close_sample(entry["weight"])
                     bar.update(1)
                 parts.append({k: v.cpu().numpy() for k, v in acc.finalize().items()})
@@ -382,8 +395,10 @@ def load_baseline(baseline: str | Path, tokenizer, ensemble_dir: Path):
 
 def baseline_nll(model, windows: torch.Tensor, chunks: list[slice], device: torch.device,
                  block_bytes: int, show_progress: bool = False) -> np.ndarray:
-    """Per-token NLL of the starting checkpoint on all windows (its own pass)."""
-    model = model.to(device, _compute_dtype(model.dtype, device)).eval()
+    """Per-token NLL of the starting checkpoint on all windows (its own pass); a dispatched
+    model (hf_device_map) stays where accelerate placed it."""
+    if getattr(model, "hf_device_map", None) is None:
+        model = model.to(device, _compute_dtype(model.dtype, device)).eval()
     out = []
     with torch.inference_mode(), Progress(len(chunks), "baseline", unit="chunk", enabled=show_progress) as bar:
         for rows in chunks:

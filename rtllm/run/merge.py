@@ -22,8 +22,9 @@ CHAIN_STATUS = "chain.json"
 # indices), and readable (3000002 = chain 3, sample 2). A chain's own index has 6 digits anyway
 # (samples/NNNNNN).
 INDEX_STRIDE = 1_000_000
-# May differ between merged chains; every other manifest config field must agree.
-PER_CHAIN_KEYS = ("chain", "seed", "dt", "L", "init")
+# May differ between merged chains; every other manifest config field must agree. micro_batch
+# changes only the rounding of a gradient's sum, and a chain may have backed off to a smaller one.
+PER_CHAIN_KEYS = ("chain", "seed", "dt", "L", "init", "micro_batch")
 _LOCK = ".merge.lock"
 
 

@@ -21,6 +21,7 @@ from rtllm.run.verdict import report_verdict
 from rtllm.run.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from rtllm.run.config import SampleConfig, chain_seed
 from rtllm.run.host_scalar import HostScalar as _HostScalar
+from rtllm.run.micro_batch import backing_off, whole_or_pieces
 from rtllm.run.movement_watch import MovementWatch, sample_loss_is_absurd
 from rtllm.run.recovery import check_listed_samples, claim_out_dir, prepare_resume, settings_differ
 from rtllm.run.signals import stop_on_signals
@@ -32,6 +33,7 @@ from rtllm.lm.loss import lm_loss
 from rtllm.lm.model_io import load_model_and_tokenizer, prepare_for_sampling, resolve_device, select_parameters
 from rtllm.store.runlog import RunLog, peak_memory_bytes
 from rtllm.run.sampler_setup import build_sampler, load_init_weights
+from rtllm.store.delta import sample_disk_bytes
 from rtllm.store.manifest import RUN_MARKER
 from rtllm.store.writer import SampleWriter, check_free_disk, copy_tokenizer, estimate_run_disk
 from rtllm.state.progress import Progress
@@ -75,18 +77,21 @@ class SamplingRun(StepSizeChoice):
         self.scale = run_likelihood_scale(cfg, self.num_params, train_tokens=self.data.train[:, 1:].numel())
         self.tolerance = self.num_params / (2 * self.scale)
         self.sampler = self._build_sampler(sampled)
-        start_loss = self._mean_loss([0])
-        if not math.isfinite(start_loss):
-            raise ValueError(f"the loss is {start_loss} at the starting weights: check the model and "
-                             f"the text (nothing was written)")
         auto_burn_in = cfg.burn_in == "auto"  # decided in the loop; until then, the most samples
         self.n_samples = len(range((0 if auto_burn_in else cfg.burn_in) + cfg.thin - 1, cfg.steps, cfg.thin))
         # Undo needs a copy of x and v; decided once and kept in checkpoints, so a resumed run
         # takes the same path whatever memory is free then. MCLMC flags instead: undoing one of
         # its half steps would break the McLachlan step it belongs to.
         undo = cfg.reject_threshold is not None and cfg.sampler == "ray" and self._backup_fits()
+        # micro_batch: the one in use (None: whole minibatches); lowered on out-of-memory errors
         self.state = dict(step=0, cursor=0, dt=None, L=None, dt_trials=[], prev_loss=None, flagged=[],
-                          undo=undo, burn_in=None if auto_burn_in else cfg.burn_in, burn_in_heldout=[])
+                          undo=undo, burn_in=None if auto_burn_in else cfg.burn_in, burn_in_heldout=[],
+                          micro_batch=cfg.micro_batch)
+        self.log = self.writer = None  # the log once the output directory is ours, the writer in run()
+        start_loss = self._mean_loss([0])
+        if not math.isfinite(start_loss):
+            raise ValueError(f"the loss is {start_loss} at the starting weights: check the model and "
+                             f"the text (nothing was written)")
         self._check_disk()  # before --overwrite removes anything
         self._lock = self._claim_out_dir(resume, overwrite)  # held until run() ends
         try:
@@ -101,7 +106,6 @@ class SamplingRun(StepSizeChoice):
             (cfg.out_dir / RUN_MARKER).write_text(json.dumps(self.manifest_config(), indent=2))
             copy_tokenizer(cfg.model, cfg.out_dir)
             self.log = RunLog(cfg.out_dir / f"log-chain-{cfg.chain:03d}.jsonl")
-            self.writer = None  # made by run(); dt trials may run before it (tests, tools)
         except BaseException:
             self._lock.release()
             raise
@@ -126,9 +130,11 @@ class SamplingRun(StepSizeChoice):
         """What defines the samples; stored in the manifest and in every sample's metadata.
 
         Paths of the output and timing-like settings stay out, so a resumed run (or the same
-        run in another directory) writes byte-identical sample files.
+        run in another directory) writes byte-identical sample files. micro_batch is the one in
+        use (rtllm/run/micro_batch.py): after a back-off, the size the gradients are taken at.
         """
-        return {**self.cfg.chain_defining(), "num_params": self.num_params, "scale_likelihood": self.scale,
+        return {**self.cfg.chain_defining(), "micro_batch": self.state.get("micro_batch", self.cfg.micro_batch),
+                "num_params": self.num_params, "scale_likelihood": self.scale,
                 "loss_tolerance_effective": self.tolerance, "dt": self.state["dt"],
                 **({"L": self.state["L"]} if self.cfg.sampler == "mclmc" else {})}
 
@@ -143,12 +149,12 @@ class SamplingRun(StepSizeChoice):
         return named
 
     def _check_disk(self) -> None:
-        bytes_per_sample = sum(t.numel() * (4 if self.cfg.sample_dtype == "fp32" else t.element_size())
-                               for t in self.model.state_dict().values())
+        per_sample, once = sample_disk_bytes(self.model, self.cfg.sample_format, fp32=self.cfg.sample_dtype == "fp32")
         per_param = 8 * (2 if self.state["undo"] else 1) + (2 if self.cfg.prior_center == "start" else 0)
         # x2: a new checkpoint is written next to the old one before it replaces it.
-        need = estimate_run_disk(bytes_per_sample, self.n_samples, 2 * self.num_params * per_param)
-        check_free_disk(self.cfg.out_dir, need, what=f"{self.n_samples} samples and a checkpoint")
+        need = once + estimate_run_disk(per_sample, self.n_samples, 2 * self.num_params * per_param)
+        check_free_disk(self.cfg.out_dir, need, what=f"{self.n_samples} samples"
+                        f"{'' if once == 0 else ' (' + self.cfg.sample_format + '), the start'} and a checkpoint")
 
     def _backup_fits(self) -> bool:
         """Undoing a rejected step needs a copy of x and v (8 bytes/parameter)."""
@@ -196,8 +202,11 @@ class SamplingRun(StepSizeChoice):
 
     @torch.no_grad()
     def _batch_loss(self, cursor: int) -> torch.Tensor:
+        """The minibatch's loss in one forward (as before the back-off existed, whatever the
+        micro-batch); only if that runs out of memory, in pieces (run/micro_batch.py)."""
         seqs = self._minibatch(cursor)
-        return lm_loss(self.model, seqs[:, :-1], seqs[:, 1:])
+        return whole_or_pieces(lambda p: lm_loss(self.model, p[:, :-1], p[:, 1:]), seqs, self.state,
+                               self._backed_off)
 
     def _minibatch(self, cursor: int) -> torch.Tensor:
         seqs = self.data.train[self.order.batch(cursor)]
@@ -206,9 +215,25 @@ class SamplingRun(StepSizeChoice):
         return seqs.to(self.device)
 
     def _loss_and_grad_on_device(self, cursor: int) -> tuple[torch.Tensor, int]:
-        """As _loss_and_grad, the loss left on the device (float64 scalar): reading it syncs."""
+        """As _loss_and_grad, the loss left on the device (float64 scalar): reading it syncs.
+        Out of memory: the same minibatch again in smaller micro-batches (run/micro_batch.py)."""
         seqs = self._minibatch(cursor)
-        micro = self.cfg.micro_batch or len(seqs)
+        loss = backing_off(lambda micro: self._accumulate(seqs, micro), self.state, len(seqs),
+                           self._backed_off)
+        return loss, seqs[:, 1:].numel()
+
+    def _backed_off(self, failed: list[int], fits: int) -> None:
+        st = self.state
+        also = f" ({', '.join(map(str, failed[1:]))} did not fit either)" if len(failed) > 1 else ""
+        self.say(f"out of memory at a micro-batch of {failed[0]} sequences (step {st['step']}): backed off "
+                 f"to {fits}{also}; the run and its resumes keep {fits}")
+        if self.log is not None:
+            self.log.write({"type": "micro_batch", "step": st["step"], "from": failed[0], "to": fits})
+        if self.writer is not None:  # the samples from here on say how their gradients were taken
+            self.writer.update_config(self.manifest_config())
+
+    def _accumulate(self, seqs: torch.Tensor, micro: int) -> torch.Tensor:
+        """The minibatch's loss, its gradient in the sampler's buffer, `micro` sequences at a time."""
         self.sampler.zero_grad()
         shards = self.sampler.shards
         # bf16 gradients of several micro-batches are accumulated in fp32.
@@ -226,7 +251,7 @@ class SamplingRun(StepSizeChoice):
         if acc is not None:
             for a, s in zip(acc, shards):
                 s.g.copy_(a)
-        return total, seqs[:, 1:].numel()
+        return total
 
     # -- checkpoints ----------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
@@ -251,6 +276,7 @@ class SamplingRun(StepSizeChoice):
                              f"resume with the same ones, or start a new run with --overwrite")
         self.sampler.load_state_dict(ckpt["sampler"])
         self.state = ckpt["state"]
+        self.state.setdefault("micro_batch", self.cfg.micro_batch)  # a checkpoint from before the back-off
         self._backup = None
         if self.state["undo"]:  # the original run undid rejected steps: so does its resume
             self._backup = [(cx.to(self.device), cv.to(self.device)) for cx, cv in ckpt["backup"]]

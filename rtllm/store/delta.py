@@ -35,6 +35,9 @@ PLAIN = "safetensors"  # the uncompressed format: each sample a from_pretrained 
 # (1.016 B/weight, 0.51x bf16); NF4 uses bitsandbytes' usual 64 (0.56 B/weight, 0.28x bf16).
 FORMATS = {"delta8": (8, 256), "nf4": (4, 64)}
 SAMPLE_FORMATS = (PLAIN, *FORMATS)
+# A safetensors header entry: {"NAME.q":{"dtype":"U8","shape":[N],"data_offsets":[A,B]}} with
+# names as long as GPT-2's (~40 characters) and 12-digit offsets is ~100 bytes; 160 is generous.
+HEADER_BYTES_PER_TENSOR = 160
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,12 @@ class DeltaCodec:
     def bytes_per_weight(self) -> float:
         return FORMATS[self.format][0] / 8 + 4 / self.block_size
 
+    def stored_bytes(self, numel: int) -> int:
+        """Bytes a changed tensor of `numel` floating weights takes in delta.safetensors: its
+        codes, one float32 absmax per block, and HEADER_BYTES_PER_TENSOR of the file's header."""
+        bits, blocks = FORMATS[self.format][0], -(-numel // self.block_size)
+        return -(-numel * bits // 8) + 4 * blocks + 2 * HEADER_BYTES_PER_TENSOR
+
 
 _CODES: dict[str, Tensor] = {}
 
@@ -125,6 +134,18 @@ def _dynamic_code(device: torch.device) -> Tensor:
     if key not in _CODES:
         _CODES[key] = bnb.create_dynamic_map().to(device)
     return _CODES[key]
+
+
+def sample_disk_bytes(model: torch.nn.Module, sample_format: str, *, fp32: bool = False) -> tuple[int, int]:
+    """(bytes per sample, bytes once) of a run sampling `model` in `sample_format`: a plain
+    sample is the whole state dict (fp32: in float32); a compressed one the codes of the
+    weights that require grad (frozen ones equal the start's and are not stored), with the
+    start stored once. An upper bound (tied weights are counted twice)."""
+    plain = sum(t.numel() * (4 if fp32 else t.element_size()) for t in model.state_dict().values())
+    if sample_format == PLAIN:
+        return plain, 0
+    codec = DeltaCodec(sample_format)
+    return sum(codec.stored_bytes(p.numel()) for p in model.parameters() if p.requires_grad), plain
 
 
 def codec_for(entry: dict) -> DeltaCodec | None:

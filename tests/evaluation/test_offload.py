@@ -86,3 +86,63 @@ def test_evaluate_survives_oom_above_a_size(ensemble_dir, tmp_path, monkeypatch)
     assert max(calls) == 16 and calls[-1] <= 3  # tried big, settled small
     assert got["nll_bma"] == pytest.approx(want["nll_bma"], rel=1e-6)
     assert got["mean_epistemic"] == pytest.approx(want["mean_epistemic"], rel=1e-5)
+
+
+def test_evaluate_with_layers_offloaded_equals_the_in_memory_evaluation(ensemble_dir, tiny_model_dir,
+                                                                        tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from rtllm.evaluation import offload
+
+    text = tmp_path / "t.txt"
+    text.write_text(corpus_text(1200, offset=3000))
+    monkeypatch.setattr(streaming, "windows_per_chunk", lambda *a, **k: 40)  # two chunks
+    want = evaluate(ensemble_dir, [text], seq_len=16, baseline=tiny_model_dir)
+    placed, dispatch = [], offload.dispatch_offloaded
+
+    def spy(model, max_memory, offload_dir=None):  # what accelerate placed where, and on disk
+        model = dispatch(model, max_memory, offload_dir)
+        placed.append((set(model.hf_device_map.values()), list(Path(offload_dir).rglob("*.dat"))))
+        return model
+
+    monkeypatch.setattr(offload, "dispatch_offloaded", spy)
+    monkeypatch.setattr(streaming, "dispatch_offloaded", spy)
+    got = evaluate(ensemble_dir, [text], seq_len=16, baseline=tiny_model_dir, offload=SMALL_BUDGET,
+                   offload_dir=tmp_path / "off")
+    assert len(placed) == 4  # the baseline; samples 0, 1, then 0 again (the second chunk runs backwards)
+    assert all({"cpu", "disk"} <= where and files for where, files in placed)  # really offloaded
+    assert not list((tmp_path / "off").rglob("*.dat"))  # each removed when the next replaced it
+    for key in ("nll_bma", "mean_epistemic", "nll_baseline_mean"):
+        if key in want.summary:
+            assert got.summary[key] == pytest.approx(want.summary[key], abs=1e-5), key
+    for key in ("nll_bma", "epistemic", "aleatoric", "nll_baseline"):
+        assert abs(got.table[key] - want.table[key]).max() <= 1e-5, key
+
+
+def test_cli_evaluate_and_generate_offload(ensemble_dir, tmp_path, capsys, monkeypatch):
+    import json
+
+    from rtllm.cli import main as cli_main
+    from rtllm.evaluation import report
+    from rtllm.evaluation.generation import generate_text, terminal_text
+
+    monkeypatch.setattr(report, "write_reports", lambda *a, **k: {})  # the plots: tested elsewhere
+
+    text = tmp_path / "t.txt"
+    text.write_text(corpus_text(600, offset=3000))
+    base = ["evaluate", "--ensemble", str(ensemble_dir), "--data", str(text), "--seq-len", "16",
+            "--allow-degenerate", "--device", "cpu"]
+    assert cli_main(base + ["--out", str(tmp_path / "off"), "--offload", "100k"]) == 0
+    got = json.loads((tmp_path / "off" / "summary.json").read_text())["nll_bma"]
+    assert got == pytest.approx(evaluate(ensemble_dir, [text], seq_len=16).summary["nll_bma"], abs=1e-5)
+    capsys.readouterr()
+    assert cli_main(base + ["--out", str(tmp_path / "x"), "--offload-dir", str(tmp_path / "d")]) == 2
+    assert cli_main(base + ["--out", str(tmp_path / "y"), "--offload", "1G", "--offload-host", "1G"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "go with --offload" in err[0] and "on the CPU" in err[1]
+    assert cli_main(["generate", "--ensemble", str(ensemble_dir), "--prompt", "the", "--max-new-tokens", "3",
+                     "--device", "cpu", "--color", "never", "--html", str(tmp_path / "g.html"),
+                     "--offload", "100k"]) == 0
+    plain = generate_text(rtllm.EnsembleForCausalLM.from_ensemble(ensemble_dir, mask="manifest"), "the",
+                          max_new_tokens=3)
+    assert capsys.readouterr().out == terminal_text(plain, color=False) + "\n"  # same tokens, layers on disk
