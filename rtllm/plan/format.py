@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from rtllm.plan.memory import (BUILD, CONTEXT, DT_TRIALS, FRAGMENTATION, FWD_BWD, GIB, HOST_BOUND, MARGIN, UNDO,
+from rtllm.plan.memory import (BUILD, CONTEXT, FRAGMENTATION, FWD_BWD, GIB, HOST_BOUND, MARGIN, UNDO,
                                ModelShape, MemoryPlan, plan_memory)
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -116,8 +116,6 @@ def fit_hints(shape: ModelShape, plan: MemoryPlan, kwargs: dict) -> tuple[str, .
         return ()
     hints = [f"does not fit by {(plan.total - plan.gpu_mem) / GIB:.1f} GiB (peak in: {plan.peak_phase})"]
     tries = []
-    if DT_TRIALS in plan.transients:
-        tries.append(("a fixed --dt (no device copy of x and v for the dt trials)", dict(dt_auto=False)))
     if plan.persistent.get(UNDO):
         tries.append(("no undo copy (rtllm sample makes one only with room for it; plan --undo no)",
                       dict(undo_backup=False)))

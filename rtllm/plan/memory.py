@@ -4,7 +4,8 @@
 no download), sizes the sampler's buffers from the state layout (rtllm.state.layouts) exactly as
 rtllm.state.flat allocates them, and the activations from rtllm.plan.activations, then takes the peak over
 the phases of a run: building the sampler, forward+backward, accumulating micro-batch
-gradients, the sampler step, the dt-auto trials, writing a checkpoint (on CPU). `rtllm plan`
+gradients, the sampler step, writing a checkpoint (on CPU; the dt-auto trials borrow disk, not
+memory). `rtllm plan`
 (rtllm.plan.format) prints it for every registered layout.
 
 Assumptions (docs/sampling.md, "Memory plan"):
@@ -45,12 +46,12 @@ SAMPLE_BUFFERS, CKPT_STAGING = "sample buffers", "checkpoint / dt-trial staging 
 SEGMENT_TABLES = "segment tables (Triton launches)"
 CHECKPOINT_SLICE_BYTES = _CHUNK  # the most of the state a checkpoint write holds on the host
 HOST_BOUND = 16 * 2**30  # the host memory of a common PC: what a run should stay within
-ROWS = (WEIGHTS, POSITION, VELOCITY, GRADIENTS, PRIOR, UNDO, DT_SNAPSHOT, NOISE, SEGMENT_TABLES,
+ROWS = (WEIGHTS, POSITION, VELOCITY, GRADIENTS, PRIOR, UNDO, NOISE, SEGMENT_TABLES,
         WORKSPACES, SAMPLE_BUFFERS, LOADED, GRAD_ACC, *PARTS, PARTIALS, PRIOR_TMP, CKPT_STAGING)
 # Phases of a run.
-BUILD, FWD_BWD, ACCUMULATE, STEP, DT_TRIALS, CHECKPOINT = (
+BUILD, FWD_BWD, ACCUMULATE, STEP, CHECKPOINT = (
     "sampler build", "forward/backward", "micro-batch gradient accumulation", "sampler step",
-    "dt-auto trials", "checkpoint write")
+    "checkpoint write")
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
            "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32,
            "fp64": torch.float64, "float64": torch.float64}
