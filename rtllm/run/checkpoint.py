@@ -106,7 +106,9 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 # -- write and read -----------------------------------------------------------------------------
-def save_checkpoint(path: Path, state: dict) -> None:
+def save_checkpoint(path: Path, state: dict, *, durable: bool = True) -> None:
+    """Write `state` to `path` atomically; durable False skips the fsyncs (a scratch file that
+    a crash makes worthless anyway: the dt-trial snapshot)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: list[torch.Tensor] = []
@@ -128,9 +130,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
             for slot in slots:
                 _write_sliced(f, slot.source)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)  # make the rename itself durable
+        if durable:
+            _fsync_dir(path.parent)  # make the rename itself durable
     except OSError as err:
         tmp.unlink(missing_ok=True)
         if err.errno == errno.ENOSPC:

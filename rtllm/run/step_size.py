@@ -31,7 +31,7 @@ class StepSizeChoice:
             self.writer.wait_snapshot()
         snapshot = trial_snapshot_path(self.ckpt_path)
         try:
-            save_checkpoint(snapshot, self.sampler.state_dict())
+            save_checkpoint(snapshot, self.sampler.state_dict(), durable=False)  # scratch: no fsync
         except OSError as err:
             if err.errno != errno.ENOSPC:
                 raise

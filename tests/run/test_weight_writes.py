@@ -108,10 +108,10 @@ def test_a_dt_trial_parks_the_state_on_disk_in_bounded_slices(model_dir, train_f
         moved.append(self.numel() * self.element_size())
         return real_to(self, *args, **kwargs)
 
-    def save(path, state):
+    def save(path, state, **kwargs):
         torch.Tensor.to = spy  # only while the snapshot is written (the trial's steps move batches)
         try:
-            checkpoint.save_checkpoint(path, state)
+            checkpoint.save_checkpoint(path, state, **kwargs)
         finally:
             torch.Tensor.to = real_to
 
