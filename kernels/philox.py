@@ -6,10 +6,13 @@ group. Element e = 4*q + lane reads lane `lane` of one Philox4x32-10 evaluation 
     counter = (q & 0xffffffff, q >> 32, step & 0xffffffff, stream & 0xffffffff)
     key     = (seed & 0xffffffff, (seed >> 32) & 0xffffffff)
 
-turned into uniforms and normals exactly as Triton's `tl.random` does (`uint_to_uniform_float`,
-then Box-Muller on the pairs (u0, u1) and (u2, u3)). So `tl.random.philox(seed, c0, c1, c2, c3)`
-in a kernel and `philox_normals` here give the same bits, and the same normals up to the rounding
-of log/cos/sin. Step 0 / stream 0 coincides with `tl.randn4x(seed, q)`.
+turned into uniforms exactly as Triton's `tl.random` does (`uint_to_uniform_float`), then into
+normals by Box-Muller on the pairs (u0, u1) and (u2, u3) as the kernels compute it
+(triton_step._pair_to_normal: cos/sin by polynomials after an exact quadrant reduction, not
+libdevice's sin/cos). So `tl.random.philox(seed, c0, c1, c2, c3)` in a kernel and
+`philox_normals` here give the same bits, and the same normals up to the rounding of log and
+sqrt (and fused multiply-adds on a GPU). Its bits coincide with `tl.randn4x(seed, q)` at step 0 /
+stream 0; its normals with randn4x's to within the rounding of randn4x's angle (float32 2 pi u).
 
 Torch has no uint32, so the words live in int64 tensors holding values in [0, 2^32).
 """
@@ -75,12 +78,33 @@ def uint32_to_uniform(r: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * scale
 
 
+_F32 = lambda value, like: torch.tensor(value, dtype=torch.float32, device=like.device)  # noqa: E731
+_SIN = (-1.6666654611e-1, 8.3321608736e-3, -1.9515295891e-4)  # Cephes sinf on [-pi/4, pi/4]
+_COS = (4.166664568298827e-2, -1.388731625493765e-3, 2.443315711809948e-5)  # Cephes cosf
+
+
 def _box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton's pair_uniform_to_normal, in float32."""
+    """The kernels' Box-Muller (triton_step._pair_to_normal), float32 op for op.
+
+    r = sqrt(-2 ln u1); the angle 2 pi u2 reduced exactly in units of the uniform (4 u2 =
+    quadrant k + f), cos/sin of f pi/2 by Cephes' float32 polynomials on [-pi/4, pi/4].
+    """
+    c = lambda v: _F32(v, u1)  # noqa: E731
     u1 = torch.clamp_min(u1, 1.0e-7)
-    th = u2 * torch.tensor(6.283185307179586, dtype=torch.float32, device=u2.device)
-    r = torch.sqrt(-2.0 * torch.log(u1))
-    return r * torch.cos(th), r * torch.sin(th)
+    r = torch.sqrt(c(-2.0) * torch.log(u1))
+    t = u2 * c(4.0)
+    k = torch.floor(t + c(0.5))
+    a = (t - k) * c(1.5707963267948966)
+    z = a * a
+    sin_a = a + a * z * (c(_SIN[0]) + z * (c(_SIN[1]) + z * c(_SIN[2])))
+    cos_a = c(1.0) - c(0.5) * z + z * z * (c(_COS[0]) + z * (c(_COS[1]) + z * c(_COS[2])))
+    q = k.to(torch.int32) & 3  # angle = q pi/2 + a
+    odd = (q & 1) != 0
+    cos_t = torch.where(odd, sin_a, cos_a)
+    sin_t = torch.where(odd, cos_a, sin_a)
+    cos_t = torch.where((q == 1) | (q == 2), -cos_t, cos_t)
+    sin_t = torch.where(q >= 2, -sin_t, sin_t)
+    return r * cos_t, r * sin_t
 
 
 def _check_int(name: str, value: int, bits: int) -> None:

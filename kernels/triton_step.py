@@ -39,6 +39,32 @@ _NOISE_ARGS = ["seed", "step", "stream", "quad_base"]
 
 
 @triton.jit
+def _pair_to_normal(u1, u2):
+    """Box-Muller on two uniforms in [0, 1): r cos(2 pi u2), r sin(2 pi u2), r = sqrt(-2 ln u1).
+
+    The angle is reduced exactly in the uniform's own units (4 u2 = quadrant k + f, |f| <= 1/2)
+    and cos/sin of f pi/2 in [-pi/4, pi/4] are Cephes' float32 polynomials: no range reduction
+    code and no libdevice sin/cos (most of the noise's instructions before). The torch oracle,
+    philox._box_muller, computes the same float32 operations in the same order.
+    """
+    u1 = tl.maximum(u1, 1.0e-7)
+    r = tl.sqrt(-2.0 * tl.log(u1))
+    t = u2 * 4.0
+    k = tl.floor(t + 0.5)
+    a = (t - k) * 1.5707963267948966
+    z = a * a
+    sin_a = a + a * z * (-1.6666654611e-1 + z * (8.3321608736e-3 + z * -1.9515295891e-4))
+    cos_a = 1.0 - 0.5 * z + z * z * (4.166664568298827e-2 + z * (-1.388731625493765e-3 + z * 2.443315711809948e-5))
+    q = k.to(tl.int32) & 3  # angle = q pi/2 + a
+    odd = (q & 1) != 0
+    c = tl.where(odd, sin_a, cos_a)
+    s = tl.where(odd, cos_a, sin_a)
+    c = tl.where((q == 1) | (q == 2), -c, c)
+    s = tl.where(q >= 2, -s, s)
+    return r * c, r * s
+
+
+@triton.jit
 def _normals_block(seed, step, stream, quad0, QUADS: tl.constexpr):
     """Normals for global elements 4*quad0 .. 4*quad0 + 4*QUADS - 1, in element order."""
     q = quad0 + tl.arange(0, QUADS).to(tl.int64)
@@ -48,12 +74,8 @@ def _normals_block(seed, step, stream, quad0, QUADS: tl.constexpr):
     c2 = zero + step.to(tl.uint32)
     c3 = zero + stream.to(tl.uint32)
     r0, r1, r2, r3 = tl.random.philox(seed, c0, c1, c2, c3)
-    n0, n1 = tl.random.pair_uniform_to_normal(
-        tl.random.uint_to_uniform_float(r0), tl.random.uint_to_uniform_float(r1)
-    )
-    n2, n3 = tl.random.pair_uniform_to_normal(
-        tl.random.uint_to_uniform_float(r2), tl.random.uint_to_uniform_float(r3)
-    )
+    n0, n1 = _pair_to_normal(tl.random.uint_to_uniform_float(r0), tl.random.uint_to_uniform_float(r1))
+    n2, n3 = _pair_to_normal(tl.random.uint_to_uniform_float(r2), tl.random.uint_to_uniform_float(r3))
     # interleave(a, b) = a0 b0 a1 b1 ...; twice gives n0_q n1_q n2_q n3_q for each quad q.
     return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))
 

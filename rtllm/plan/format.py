@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import re
 
-from rtllm.plan.memory import (BUILD, CONTEXT, DT_TRIALS, FRAGMENTATION, FWD_BWD, GIB, MARGIN, UNDO, ModelShape,
-                        MemoryPlan, plan_memory)
+from rtllm.plan.memory import (BUILD, CONTEXT, FRAGMENTATION, FWD_BWD, GIB, HOST_BOUND, MARGIN, UNDO,
+                               ModelShape, MemoryPlan, plan_memory)
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 
@@ -79,10 +79,25 @@ def format_plan(plans: list[MemoryPlan], gpu_mem: int | None = None, *, chosen: 
     if any(p.host for p in plans):
         lines.append("host memory (not on the GPU)")
         lines += rows(lambda p: p.host)
+        lines.append(row("  = host memory", [p.host_total for p in plans]))
+    if any(p.disk for p in plans):
+        lines.append("disk (scratch files in --out while the run goes)")
+        lines += rows(lambda p: p.disk)
+    lines.append(host_line(main))
     lines += [f"note: {n}" for n in main.notes]
     lines += list(hints)
     lines.append(verdict(main, gpu_mem))
     return "\n".join(lines)
+
+
+def host_line(plan: MemoryPlan) -> str:
+    """The host memory the run needs against a 16 GiB PC, and what is not in it."""
+    host = plan.host_total
+    within = (f"within {HOST_BOUND / GIB:.0f} GiB" if host <= HOST_BOUND
+              else f"more than {HOST_BOUND / GIB:.0f} GiB")
+    parked = " (the dt-auto snapshot goes to disk)" if plan.disk and plan.device != "cpu" else ""
+    return (f"host memory {host / GIB:.1f} GiB{parked}: {within}, plus the Python process and its "
+            f"libraries; checkpoints are read as views of the file (page cache, not counted)")
 
 
 def verdict(plan: MemoryPlan, gpu_mem: int | None) -> str:
@@ -101,8 +116,6 @@ def fit_hints(shape: ModelShape, plan: MemoryPlan, kwargs: dict) -> tuple[str, .
         return ()
     hints = [f"does not fit by {(plan.total - plan.gpu_mem) / GIB:.1f} GiB (peak in: {plan.peak_phase})"]
     tries = []
-    if DT_TRIALS in plan.transients:
-        tries.append(("a fixed --dt (no device copy of x and v for the dt trials)", dict(dt_auto=False)))
     if plan.persistent.get(UNDO):
         tries.append(("no undo copy (rtllm sample makes one only with room for it; plan --undo no)",
                       dict(undo_backup=False)))

@@ -4,7 +4,8 @@
 no download), sizes the sampler's buffers from the state layout (rtllm.state.layouts) exactly as
 rtllm.state.flat allocates them, and the activations from rtllm.plan.activations, then takes the peak over
 the phases of a run: building the sampler, forward+backward, accumulating micro-batch
-gradients, the sampler step, the dt-auto trials, writing a checkpoint (on CPU). `rtllm plan`
+gradients, the sampler step, writing a checkpoint (on CPU; the dt-auto trials borrow disk, not
+memory). `rtllm plan`
 (rtllm.plan.format) prints it for every registered layout.
 
 Assumptions (docs/sampling.md, "Memory plan"):
@@ -13,7 +14,9 @@ Assumptions (docs/sampling.md, "Memory plan"):
   fragmentation (reserved minus allocated in the caching allocator) and 512 MiB for the CUDA
   context. `peak_allocated` is what `torch.cuda.max_memory_allocated` should read.
 - CPU: fp32, the torch backend (its noise cache counts), 5% for allocator fragmentation.
-- Host memory (pinned sample buffers, checkpoint copies) is listed apart; it is not GPU memory.
+- Host memory (pinned sample buffers, one slice of checkpoint staging) is listed apart; it is
+  not GPU memory. The dt-auto trials park the state on disk (`disk`), not in host memory, and
+  checkpoints are read as views of the mapped file: at GPT-2 XL the host needs under 16 GiB.
 """
 from __future__ import annotations
 
@@ -39,14 +42,17 @@ PRIOR, UNDO, DT_SNAPSHOT = "prior center", "undo backup (x, v)", "dt-auto snapsh
 LOADED, GRAD_ACC = "loaded weights (until copied)", "micro-batch grad accumulator"
 PARTIALS, NOISE, PRIOR_TMP = "kernel partials", "noise cache (CPU backend)", "prior temporaries"
 WORKSPACES, MARGIN, CONTEXT = "CUDA library workspaces", "allocator margin", "CUDA context"
-SAMPLE_BUFFERS, CKPT_STAGING = "sample buffers", "checkpoint staging (x, v copies)"
+SAMPLE_BUFFERS, CKPT_STAGING = "sample buffers", "checkpoint / dt-trial staging (one slice)"
+SEGMENT_TABLES = "segment tables (Triton launches)"
+JOINED = "joined fp32 position (fp32-split state)"
 CHECKPOINT_SLICE_BYTES = _CHUNK  # the most of the state a checkpoint write holds on the host
-ROWS = (WEIGHTS, POSITION, VELOCITY, GRADIENTS, PRIOR, UNDO, DT_SNAPSHOT, NOISE, WORKSPACES,
-        SAMPLE_BUFFERS, LOADED, GRAD_ACC, *PARTS, PARTIALS, PRIOR_TMP, CKPT_STAGING)
+HOST_BOUND = 16 * 2**30  # the host memory of a common PC: what a run should stay within
+ROWS = (WEIGHTS, POSITION, VELOCITY, GRADIENTS, PRIOR, UNDO, NOISE, SEGMENT_TABLES,
+        WORKSPACES, SAMPLE_BUFFERS, LOADED, GRAD_ACC, *PARTS, PARTIALS, PRIOR_TMP, CKPT_STAGING, JOINED)
 # Phases of a run.
-BUILD, FWD_BWD, ACCUMULATE, STEP, DT_TRIALS, CHECKPOINT = (
+BUILD, FWD_BWD, ACCUMULATE, STEP, CHECKPOINT = (
     "sampler build", "forward/backward", "micro-batch gradient accumulation", "sampler step",
-    "dt-auto trials", "checkpoint write")
+    "checkpoint write / dt-trial snapshot")
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
            "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32,
            "fp64": torch.float64, "float64": torch.float64}
@@ -87,6 +93,12 @@ class MemoryPlan:
     gpu_mem: int | None
     activations_known: bool
     notes: tuple[str, ...] = field(default=())
+    disk: dict[str, int] = field(default_factory=dict)  # scratch files in OUT while the run goes
+
+    @property
+    def host_total(self) -> int:
+        """Host memory the plan counts (on CPU the device memory is host memory: `total`)."""
+        return self.total if self.device == "cpu" else sum(self.host.values())
 
     @property
     def peak_allocated(self) -> int:
@@ -215,13 +227,15 @@ def plan_memory(config, *, batch: int, seq: int, layout: str = DEFAULT_LAYOUT, d
         used = sum(core.values()) + prior + (CUDA_CONTEXT_BYTES if cuda else 0)
         undo_backup = gpu_mem_bytes is not None and gpu_mem_bytes - used > (2 if cuda else 4) * backup
     # Host memory: the sample writer's buffers (kept once made) and the checkpoint's staging
-    # (rtllm.run.checkpoint copies the state to the host one slice of at most 64 MiB at a time).
+    # (rtllm.run.checkpoint copies the state to the host one slice of at most 64 MiB at a time,
+    # and reads it back as views of the mapped file; the dt-auto trials park the state so too).
     # On CPU that is the same memory, so there they join the plan.
     host = {SAMPLE_BUFFERS: _sample_buffer_bytes(shape, a, sample_dtype, cuda),
             CKPT_STAGING: min(CHECKPOINT_SLICE_BYTES, backup + prior + (backup if undo_backup else 0))}
     # Held from just after the construction to the end of the run.
     persistent = {**core, PRIOR: prior, UNDO: backup if undo_backup else 0,
                   NOISE: 0 if cuda else _noise_cache_bytes(shape.shards),
+                  SEGMENT_TABLES: segment_table_bytes(shape.shards) if cuda else 0,
                   WORKSPACES: CUDA_WORKSPACE_BYTES if cuda else 0,
                   SAMPLE_BUFFERS: 0 if cuda else host.pop(SAMPLE_BUFFERS)}
 
@@ -243,14 +257,15 @@ def plan_memory(config, *, batch: int, seq: int, layout: str = DEFAULT_LAYOUT, d
         transients[ACCUMULATE] = {GRAD_ACC: accumulator + 4 * max(n for n, _ in shape.shards)}
     transients[STEP] = {PARTIALS: step_scratch_bytes(shape.shards, "triton" if cuda else "torch", cuda=cuda),
                         PRIOR_TMP: _prior_temporaries(shape.shards, prior_center, a)}
-    if dt_auto and cuda:  # SamplingRun._trial snapshots x and v in host memory
-        host[DT_SNAPSHOT] = backup + prior
-    if dt_auto and not cuda:  # ... which on CPU is the device memory
-        busiest = max((transients[k] for k in (FWD_BWD, ACCUMULATE, STEP) if k in transients),
-                      key=lambda rows: sum(rows.values()))
-        transients[DT_TRIALS] = {DT_SNAPSHOT: backup + prior, **busiest}
-    if not cuda:
-        transients[CHECKPOINT] = {CKPT_STAGING: host.pop(CKPT_STAGING)}
+    # SamplingRun._trial parks the sampler state (x, v, the prior center) in a file in OUT while
+    # the trials run: disk, not memory (written through the checkpoint's slice staging).
+    disk = {DT_SNAPSHOT: backup + prior} if dt_auto else {}
+    # A split position is joined into new fp32 tensors on the device by sampler.state_dict()
+    # (FlatSampler.state_dict: states are layout-independent), all shards at once, while a
+    # checkpoint or a dt-trial snapshot is written.
+    joined = 4 * D if lay.position_serves_compute is not None and lay.position_serves_compute < lay.position else 0
+    if not cuda or joined:
+        transients[CHECKPOINT] = {CKPT_STAGING: 0 if cuda else host.pop(CKPT_STAGING), JOINED: joined}
     totals = {phase: sum((core if phase == BUILD else persistent).values()) + sum(rows.values())
               for phase, rows in transients.items()}
     peak_phase = max(totals, key=totals.get)
@@ -264,7 +279,8 @@ def plan_memory(config, *, batch: int, seq: int, layout: str = DEFAULT_LAYOUT, d
                       micro_batch=micro, num_params=shape.num_params, sampled_params=D,
                       components=components, persistent=persistent, transients=transients,
                       phase_totals=totals, peak_phase=peak_phase, activation_phase=act_phase,
-                      host=host, gpu_mem=gpu_mem_bytes, activations_known=known, notes=tuple(notes))
+                      host=host, gpu_mem=gpu_mem_bytes, activations_known=known, notes=tuple(notes),
+                      disk=disk)
 
 
 def plan_all_layouts(config, **kwargs) -> list[MemoryPlan]:
@@ -300,6 +316,21 @@ def kernel_partials_bytes(shards, backend: str, *, cuda: bool = False) -> int:
     from rtllm.state.backends import CHUNK
 
     return max(2 * (-(-(off + n) // CHUNK) - off // CHUNK) * 6 * 4 for n, off in shards)
+
+
+def segment_table_bytes(shards) -> int:
+    """The tables of the Triton segment launches (rtllm.state.segment_launch, kept while the
+    shards stay): per kind of shard, an int64 row of _COLUMNS and the block count per shard, and
+    two int32 per program (its shard, its block). CUDA blocks of 512 bytes."""
+    from rtllm.kernels import BLOCK
+    from rtllm.kernels.triton_segments import _COLUMNS
+
+    kinds: dict[int, list[int]] = {}
+    for n, off in shards:
+        if n:
+            kinds.setdefault(off % 4, []).append(-(-(n + off % 4) // BLOCK))
+    return sum(_block(len(b) * _COLUMNS * 8, True) + _block(len(b) * 8, True) + 2 * _block(sum(b) * 4, True)
+               for b in kinds.values())
 
 
 def step_scratch_bytes(shards, backend: str, *, cuda: bool = False) -> int:

@@ -21,10 +21,11 @@ import math
 from dataclasses import dataclass
 
 from rtllm.plan.memory import (CONTEXT, FRAGMENTATION, GIB, GRADIENTS, NOISE, POSITION, PRIOR,
-                               UNDO, VELOCITY, WEIGHTS, ModelShape, model_shape, plan_memory)
+                               SEGMENT_TABLES, UNDO, VELOCITY, WEIGHTS, ModelShape, model_shape,
+                               plan_memory)
 
 EXACT_SUM_BYTES_PER_ELEMENT = 600  # float64 terms and int64 limb temporaries of one chunk
-SHARDED_ROWS = (WEIGHTS, POSITION, VELOCITY, GRADIENTS, PRIOR, UNDO, NOISE)
+SHARDED_ROWS = (WEIGHTS, POSITION, VELOCITY, GRADIENTS, PRIOR, UNDO, NOISE, SEGMENT_TABLES)
 ALL_GATHER, REDUCE_SCATTER = "FSDP all-gather (2 blocks + root)", "FSDP reduce-scatter (largest unit)"
 EXACT_SCRATCH, ACTIVATIONS = "exact-sum scratch", "activations (B/W sequences)"
 

@@ -6,14 +6,20 @@ It is one safetensors file: the tensors in its data section, everything else as 
 header metadata. No pickle: reading a checkpoint can never run code (a crafted file in an
 output directory is only data). The tensors are written in slices of at most 64 MiB, so the
 host never stages the whole state (17 GiB at GPT-2 XL). The write is atomic (temporary file,
-fsync, rename): a kill leaves the previous checkpoint intact, never a torn one.
+fsync, rename): a kill leaves the previous checkpoint intact, never a torn one. Reading maps
+the file: the tensors a load returns are views of its pages (read from disk as they are copied
+into the sampler's buffers, page cache the kernel can drop), so a resume does not stage the
+state in host memory either. The dt-auto trials snapshot the sampler through the same two
+functions (`trial_snapshot_path`).
 """
 from __future__ import annotations
 
 import errno
 import json
 import math
+import mmap
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,13 @@ def checkpoint_path(out_dir: Path, chain: int) -> Path:
 def pickle_checkpoint_path(out_dir: Path, chain: int) -> Path:
     """Where rtllm before checkpoint version 2 left its (pickle) checkpoint."""
     return Path(out_dir) / "checkpoints" / f"chain-{chain:03d}.pt"
+
+
+def trial_snapshot_path(ckpt_path: Path) -> Path:
+    """Where a dt-auto trial parks the sampler state: beside the chain's checkpoint, named as a
+    temporary of a killed write (remove_stale_temporaries clears it on the next claim)."""
+    ckpt_path = Path(ckpt_path)
+    return ckpt_path.with_name(f".{ckpt_path.stem}-dt-trial{_TMP_MARK}{os.getpid()}")
 
 
 def map_tensors(obj, fn):
@@ -93,7 +106,9 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 # -- write and read -----------------------------------------------------------------------------
-def save_checkpoint(path: Path, state: dict) -> None:
+def save_checkpoint(path: Path, state: dict, *, durable: bool = True) -> None:
+    """Write `state` to `path` atomically; durable False skips the fsyncs (a scratch file that
+    a crash makes worthless anyway: the dt-trial snapshot)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: list[torch.Tensor] = []
@@ -115,9 +130,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
             for slot in slots:
                 _write_sliced(f, slot.source)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)  # make the rename itself durable
+        if durable:
+            _fsync_dir(path.parent)  # make the rename itself durable
     except OSError as err:
         tmp.unlink(missing_ok=True)
         if err.errno == errno.ENOSPC:
@@ -140,7 +157,11 @@ def _write_sliced(f, tensor: torch.Tensor) -> None:
 
 
 def load_checkpoint(path: Path) -> dict | None:
-    """The checkpoint at `path`, or None when there is none (a fresh start)."""
+    """The checkpoint at `path`, or None when there is none (a fresh start).
+
+    Its tensors are CPU views of the mapped file (copy-on-write: writing one never changes the
+    file); copying them into device buffers reads the file page by page, with no host copy of
+    the state. The file may be replaced or removed while they live (the mapping keeps it)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -148,9 +169,10 @@ def load_checkpoint(path: Path) -> dict | None:
         return None
     remedy = "delete it to start the chain over (--overwrite), or restore it from a copy"
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with safe_open(path, framework="pt", device="cpu") as f:  # validates the header
             meta = (f.metadata() or {}).get(_META_KEY)
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            names = list(f.keys())
+        tensors = _mapped_tensors(path, names)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"checkpoint {path} cannot be read ({reason}); {remedy}") from None
@@ -166,6 +188,28 @@ def load_checkpoint(path: Path) -> dict | None:
         return _decode(saved["state"], tensors)
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"checkpoint {path} is damaged ({type(err).__name__}: {err}); {remedy}") from None
+
+
+def _mapped_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a safetensors file (header already validated) as views of its pages."""
+    codes = {code: dtype for dtype, code in _ST_DTYPES.items()}
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        size = os.fstat(f.fileno()).st_size
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+    out = {}
+    for name in names:
+        entry = header[name]
+        dtype = codes[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        count = (end - begin) // dtype.itemsize
+        if count == 0:
+            out[name] = torch.empty(entry["shape"], dtype=dtype)
+            continue
+        flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=8 + length + begin)
+        out[name] = flat.view(entry["shape"])
+    return out
 
 
 def remove_stale_temporaries(checkpoint_dir: Path) -> list[Path]:

@@ -279,7 +279,8 @@ class SamplingRun(StepSizeChoice):
         self.state.setdefault("micro_batch", self.cfg.micro_batch)  # a checkpoint from before the back-off
         self._backup = None
         if self.state["undo"]:  # the original run undid rejected steps: so does its resume
-            self._backup = [(cx.to(self.device), cv.to(self.device)) for cx, cv in ckpt["backup"]]
+            self._backup = [(cx.to(self.device, copy=True), cv.to(self.device, copy=True))  # not views of the file
+                            for cx, cv in ckpt["backup"]]
         check_listed_samples(self.cfg.out_dir, self.cfg.chain, self.state["step"])
         self.resumed = True
         if self.state["step"] >= self.cfg.steps and self.state.get("sample_due") is None:

@@ -6,12 +6,13 @@ is `rtllm.run.dt_auto`; the guards are calibrated by `rtllm.run.movement_watch`.
 """
 from __future__ import annotations
 
+import errno
 import math
 
 import torch
 
 from rtllm.run import dt_auto
-from rtllm.run.checkpoint import map_tensors
+from rtllm.run.checkpoint import load_checkpoint, save_checkpoint, trial_snapshot_path
 from rtllm.run.movement_watch import calibrate_guards
 from rtllm.run.sampler_setup import needs_tuning, tune_in_burn_in
 from rtllm.samplers import movement
@@ -23,22 +24,33 @@ class StepSizeChoice:
 
         start: the mean loss of the current state on those batches (the same for every trial).
         """
-        # The snapshot of x and v goes to host memory: on a GPU a device copy (8 bytes/parameter,
-        # 11.6 GiB at GPT-2 XL) would not fit a 24 GB card next to the state.
+        # The snapshot of the state goes to disk, in slices of at most 64 MiB both ways
+        # (rtllm.run.checkpoint): a device copy (8 bytes/parameter, 11.6 GiB at GPT-2 XL) would not
+        # fit a 24 GB card next to the state, and a host copy would double a PC's host memory.
         if self.writer is not None:  # the trial steps write the weights in place
             self.writer.wait_snapshot()
-        saved = map_tensors(self.sampler.state_dict(), lambda t: t.to("cpu", copy=True))
-        cursors = range(self.cfg.dt_trial_steps)
-        self._set_dt(dt)
-        prev, jumps = None, 0  # steps the run would undo: the chosen dt must not need the undo
-        for c in cursors:
-            loss, _ = self._loss_and_grad(c)
-            jumps, prev = jumps + movement.is_jump(prev, loss, self.state["reject_threshold"]), loss
-            if not math.isfinite(loss):
-                break
-            self.sampler.step()
-        end = self._mean_loss(cursors) if math.isfinite(loss) else math.inf
-        self.sampler.load_state_dict(saved)
+        snapshot = trial_snapshot_path(self.ckpt_path)
+        try:
+            save_checkpoint(snapshot, self.sampler.state_dict(), durable=False)  # scratch: no fsync
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            raise OSError(errno.ENOSPC, f"the dt-auto trials park the sampler state in {snapshot.parent} "
+                          f"and the disk is full: free space there, or give a fixed --dt") from None
+        try:
+            cursors = range(self.cfg.dt_trial_steps)
+            self._set_dt(dt)
+            prev, jumps = None, 0  # steps the run would undo: the chosen dt must not need the undo
+            for c in cursors:
+                loss, _ = self._loss_and_grad(c)
+                jumps, prev = jumps + movement.is_jump(prev, loss, self.state["reject_threshold"]), loss
+                if not math.isfinite(loss):
+                    break
+                self.sampler.step()
+            end = self._mean_loss(cursors) if math.isfinite(loss) else math.inf
+            self.sampler.load_state_dict(load_checkpoint(snapshot))
+        finally:
+            snapshot.unlink(missing_ok=True)
         trial = dt_auto.Trial(dt=dt, start_loss=start, end_loss=end, jumps=jumps,
                               stable=dt_auto.is_stable(start, end, self.tolerance, jumps=jumps))
         self.log.write({"type": "dt_trial", **trial.__dict__})

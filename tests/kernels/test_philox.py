@@ -1,5 +1,7 @@
 """The torch noise stream (rtllm.kernels.philox) against Triton's own Philox, and its statistics."""
 
+import math
+
 import pytest
 import torch
 
@@ -11,11 +13,12 @@ M32 = 0xFFFFFFFF
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
+from rtllm.kernels.triton_step import _pair_to_normal  # noqa: E402
 
 
 @triton.jit
 def _philox_probe_kernel(bits_ptr, unif_ptr, norm_ptr, seed, step, stream, q0, QUADS: tl.constexpr):
-    """Triton's philox + uint_to_uniform_float + Box-Muller, stored at element 4q + lane."""
+    """Triton's philox + uint_to_uniform_float + the kernels' Box-Muller, at element 4q + lane."""
     q = q0 + tl.arange(0, QUADS).to(tl.int64)
     c0 = q.to(tl.uint32)
     zero = c0 * 0
@@ -26,8 +29,8 @@ def _philox_probe_kernel(bits_ptr, unif_ptr, norm_ptr, seed, step, stream, q0, Q
     u1 = tl.random.uint_to_uniform_float(r1)
     u2 = tl.random.uint_to_uniform_float(r2)
     u3 = tl.random.uint_to_uniform_float(r3)
-    n0, n1 = tl.random.pair_uniform_to_normal(u0, u1)
-    n2, n3 = tl.random.pair_uniform_to_normal(u2, u3)
+    n0, n1 = _pair_to_normal(u0, u1)
+    n2, n3 = _pair_to_normal(u2, u3)
     i = 4 * tl.arange(0, QUADS)
     tl.store(bits_ptr + i + 0, r0.to(tl.int64))
     tl.store(bits_ptr + i + 1, r1.to(tl.int64))
@@ -80,12 +83,15 @@ def test_matches_triton_philox(seed, step, stream, q0):
     ours_bits = torch.stack(words, dim=1).reshape(-1)
     assert torch.equal(ours_bits, bits)
     assert torch.equal(philox.uint32_to_uniform(ours_bits), unif)
-    # log/cos/sin are different implementations (numpy or libdevice vs torch): ~1 ulp apart.
+    # log and sqrt are different implementations (numpy or libdevice vs torch), and a GPU fuses
+    # multiply-adds: ~1 ulp apart.
     ours = philox_normals(seed, step, stream, 4 * q0, 4 * quads, device=DEVICE)
     torch.testing.assert_close(ours, norm, rtol=1e-6, atol=1e-6)
 
 
 def test_step0_stream0_is_randn4x():
+    # The same Philox bits and uniforms; randn4x rounds its angle 2 pi u to float32 and takes
+    # libdevice's cos/sin of it, the kernels reduce the angle exactly: within 1e-6 of each other.
     quads, seed, q0 = 64, 987654321, 2**32 - 7
     out = torch.zeros(4 * quads, dtype=torch.float32, device=DEVICE)
     _randn4x_kernel[(1,)](out, seed, q0, QUADS=quads)
@@ -164,3 +170,37 @@ def test_moments():
     for lag in range(1, 5):
         c = (z[:-lag] * z[lag:]).mean()
         assert abs(c) < 5 / n**0.5, lag
+
+
+def _float64_box_muller(u1, u2):
+    u1 = torch.clamp_min(u1.double(), 1.0e-7)
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return r * torch.cos(2 * math.pi * u2.double()), r * torch.sin(2 * math.pi * u2.double())
+
+
+def test_box_muller_within_6e7_of_float64():
+    """The polynomial cos/sin after the exact quadrant reduction, against float64 on the same
+    uniforms: max abs error 5.2e-7 over 2^19 normals (Triton's pair_uniform_to_normal, float32
+    2 pi u then cos/sin: 1.6e-6), and exact signs and swaps at the quadrant edges."""
+    q = torch.arange(1 << 17, dtype=torch.int64)
+    words = philox.philox_uint32x4(99, q & M32, q >> 32, torch.full_like(q, 5), torch.full_like(q, 1))
+    u = [philox.uint32_to_uniform(w) for w in words]
+    edges = torch.tensor([0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1 - 2**-24, 2**-24])
+    u1 = torch.cat([u[0], u[2], torch.full_like(edges, 0.3)])
+    u2 = torch.cat([u[1], u[3], edges])
+    for got, want in zip(philox._box_muller(u1, u2), _float64_box_muller(u1, u2)):
+        assert got.dtype == torch.float32
+        assert (got.double() - want).abs().max() < 6e-7
+
+
+def test_a_million_normals_are_standard_normal():
+    """Mean, variance and the Kolmogorov-Smirnov distance of 1e6 draws against N(0, 1)."""
+    n = 1_000_000
+    z = philox_normals(31337, 9, STREAM_REFRESH, 2**32 - 3, n).double()
+    assert abs(z.mean()) < 5 / n**0.5  # sigma 1e-3
+    assert abs(z.var() - 1) < 5 * (2 / n) ** 0.5  # sigma 1.4e-3
+    z, _ = torch.sort(z)
+    cdf = torch.special.ndtr(z)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    ks = torch.maximum(i / n - cdf, cdf - (i - 1) / n).max().item()
+    assert ks < 1.95 / n**0.5, ks  # the KS test's critical value at p = 0.001

@@ -15,9 +15,9 @@ from rtllm.state.layouts import DEFAULT_LAYOUT, LAYOUTS, get_layout
 from rtllm.lm.loss import lm_loss
 from rtllm.plan.memtrace import allocator_peak_bytes
 from rtllm.lm.model_io import load_model_and_tokenizer, param_groups_for, prepare_for_sampling, select_parameters
-from rtllm.plan.memory import (BUILD, CKPT_STAGING, FWD_BWD, GIB, GRADIENTS, NOISE, POSITION, PRIOR,
-                        SAMPLE_BUFFERS, STEP, VELOCITY, WEIGHTS, kernel_partials_bytes, model_shape,
-                        plan_memory)
+from rtllm.plan.memory import (BUILD, CKPT_STAGING, DT_SNAPSHOT, FWD_BWD, GIB, GRADIENTS, HOST_BOUND, JOINED, NOISE,
+                               POSITION, PRIOR, SAMPLE_BUFFERS, SEGMENT_TABLES, STEP, VELOCITY, WEIGHTS,
+                               kernel_partials_bytes, model_shape, plan_memory, segment_table_bytes)
 from rtllm.plan.format import parse_size
 from rtllm.store.writer import SampleWriter
 from triton_cpu import triton_on_cpu
@@ -163,7 +163,7 @@ def test_state_components_equal_the_samplers_buffers(tiny_model_dir, tmp_path, d
     state = sampler.state_dict()  # what a checkpoint copies to the host (no undo backup here)
     copied = [t for key in ("position", "velocity") for group in state[key] for t in group]
     copied += [c for c in state["prior"]["centers"] if c is not None]
-    assert plan.transients["checkpoint write"][CKPT_STAGING] == sum(t.nbytes for t in copied)
+    assert plan.transients["checkpoint write / dt-trial snapshot"][CKPT_STAGING] == sum(t.nbytes for t in copied)
     with SampleWriter.from_model(tmp_path, model, sample_dtype=None, run_config={}) as writer:
         assert p[SAMPLE_BUFFERS] == 2 * writer._nbytes
 
@@ -183,6 +183,30 @@ def test_kernel_partials_equal_the_triton_reduce():
         sampler.step()
     assert len(seen.sizes) == len(seen.copies) == len({off % 4 for _, off in shards})  # a launch per kind
     assert max(a + b for a, b in zip(seen.sizes, seen.copies)) == kernel_partials_bytes(shards, "triton")
+    # the segment tables the launches keep: every tensor of every kind, in 512-byte CUDA blocks
+    tables = [t for _, seg in next(iter(sampler.backend.segments._tables.values()))
+              for t in (seg.table, seg.blocks, seg.block_seg, seg.block_idx)]
+    assert len(tables) == 4 * len({off % 4 for _, off in shards})
+    assert segment_table_bytes(shards) == sum(-(-t.nbytes // 512) * 512 for t in tables)
+
+
+def test_segment_tables_and_host_memory_at_gpt2_xl():
+    """About 12 MB of segment tables on the GPU; on the host, the pinned sample buffers and one
+    checkpoint slice: within 16 GiB (the dt-auto snapshot goes to disk)."""
+    xl = model_shape(GPT2Config(n_embd=1600, n_layer=48, n_head=25), ray_per="tensor")
+    D = xl.sampled
+    plan = plan_memory(xl, batch=1, seq=64, device="cuda", dt_auto=True, undo_backup=True)
+    assert 8 * D / 1024 <= plan.persistent[SEGMENT_TABLES] <= 8 * D / 1024 + 1024 * len(xl.shards)
+    assert plan.host == {SAMPLE_BUFFERS: 2 * 2 * xl.sample_numel, CKPT_STAGING: 64 * 2**20}
+    assert plan.disk == {DT_SNAPSHOT: 8 * D} and plan.host_total <= HOST_BOUND
+    assert plan_memory(xl, batch=1, seq=64, device="cpu").persistent[SEGMENT_TABLES] == 0  # torch backend
+
+
+def test_cli_states_the_host_memory(capsys):
+    assert main(["plan", "--model", "gpt2", "--batch", "1", "--seq", "64"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^host memory \d+\.\d GiB \(the dt-auto snapshot goes to disk\): within 16 GiB", out, re.M)
+    assert re.search(r"^disk .*\n +dt-auto snapshot \(x, v\) +\d", out, re.M)
 
 
 # -- activations against measured allocations -------------------------------------------------------
@@ -297,6 +321,14 @@ def test_split_layout_components_equal_the_samplers_buffers(tiny_model_dir):
     assert p[GRADIENTS] == sum(s.g.nbytes for s in shards)
     assert p[WEIGHTS] == sum(b.nbytes for b in model.buffers())  # no separate compute copy
     assert p[PRIOR] == sum(c.nbytes for c in sampler.prior.state_dict()["centers"])
+    # a checkpoint or a dt-trial snapshot joins the planes into new fp32 tensors, all at once
+    joined = [t for group in sampler.state_dict()["position"] for t in group]
+    assert all(t.dtype == torch.float32 for t in joined)
+    assert plan.transients["checkpoint write / dt-trial snapshot"][JOINED] == sum(t.nbytes for t in joined)
+    on_gpu = plan_memory(model.config, batch=2, seq=16, device="cuda", layout="fp32-split")
+    assert on_gpu.transients["checkpoint write / dt-trial snapshot"][JOINED] == sum(t.nbytes for t in joined)
+    assert "checkpoint write / dt-trial snapshot" not in plan_memory(model.config, batch=2, seq=16,
+                                                                     device="cuda").transients
     with pytest.raises(ValueError, match="needs bfloat16"):
         plan_memory(model.config, batch=2, seq=16, device="cpu", layout="fp32-split",
                     compute_dtype=torch.float32)

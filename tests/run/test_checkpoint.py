@@ -107,3 +107,34 @@ def test_device_tensors_round_trip_through_host_slices(tmp_path, monkeypatch):
     state = checkpoint.map_tensors(_state(), lambda t: t.cuda())
     save_checkpoint(tmp_path / "c.safetensors", state)
     _assert_same(checkpoint.map_tensors(state, torch.Tensor.cpu), load_checkpoint(tmp_path / "c.safetensors"))
+
+
+def _mapped_ranges(path) -> list[tuple[int, int]]:
+    """The address ranges where this process maps `path` (/proc/self/maps)."""
+    ranges = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path):
+            lo, hi = (int(a, 16) for a in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_a_read_maps_the_file_instead_of_copying_the_state_to_the_host(tmp_path):
+    path = tmp_path / "c.safetensors"
+    state = _state()
+    save_checkpoint(path, state)
+    loaded = load_checkpoint(path)
+    ranges = _mapped_ranges(path)
+    tensors = []
+    checkpoint.map_tensors(loaded, lambda t: tensors.append(t) or t)
+    big = [t for t in tensors if t.numel()]
+    assert ranges and len(big) == 4
+    for t in big:  # every byte of every tensor lies in the mapping: no host copy was made
+        first, last = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        assert any(lo <= first and last <= hi for lo, hi in ranges), (t.shape, ranges)
+    loaded["sampler"]["position"][0][0].add_(1.0)  # copy-on-write: the file stays as written
+    _assert_same(state, load_checkpoint(path))
+    path.unlink()  # the views outlive the file (the mapping holds it)
+    assert torch.equal(loaded["backup"][0][0], state["backup"][0][0])

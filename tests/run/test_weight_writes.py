@@ -87,3 +87,50 @@ def test_dt_trials_wait_for_the_snapshot(model_dir, train_file, tmp_path, monkey
     run.run()
     assert events.count("write") > 2  # trial steps and restores, then the chain's own steps
     assert _unwaited_writes(events) == 0, events
+
+
+def test_a_dt_trial_parks_the_state_on_disk_in_bounded_slices(model_dir, train_file, tmp_path, monkeypatch):
+    """The trial's snapshot goes to a file and back: written one slice at a time, read back as
+    views of the mapped file (at GPT-2 XL a host copy would be 11.6 GiB); the state comes back
+    bit for bit and the file is gone after the trial."""
+    import torch
+
+    from rtllm.run import checkpoint, step_size
+    from rtllm.run.checkpoint import cloned
+
+    run = SamplingRun(_config(model_dir, train_file, tmp_path / "out", dt="auto", dt_trial_steps=2))
+    run._calibrate_guards()
+    before = cloned(run.sampler.state_dict())
+    monkeypatch.setattr(checkpoint, "_CHUNK", 1024)  # bytes per slice
+    moved, unmapped, real_to = [], [], torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        moved.append(self.numel() * self.element_size())
+        return real_to(self, *args, **kwargs)
+
+    def save(path, state, **kwargs):
+        torch.Tensor.to = spy  # only while the snapshot is written (the trial's steps move batches)
+        try:
+            checkpoint.save_checkpoint(path, state, **kwargs)
+        finally:
+            torch.Tensor.to = real_to
+
+    def load(path):
+        state = checkpoint.load_checkpoint(path)
+        ranges = [tuple(int(a, 16) for a in line.split()[0].split("-"))
+                  for line in open("/proc/self/maps") if line.split()[-1] == str(path)]
+        checkpoint.map_tensors(state, lambda t: t.numel() and not any(
+            lo <= t.data_ptr() < hi for lo, hi in ranges) and unmapped.append(t.shape))
+        return state
+
+    monkeypatch.setattr(step_size, "save_checkpoint", save)
+    monkeypatch.setattr(step_size, "load_checkpoint", load)
+    trial = run._trial(1e-2, run.state["start_loss"])
+    assert trial.end_loss != trial.start_loss  # the trial did move the chain
+    assert moved and max(moved) <= 1024, max(moved)
+    assert not unmapped, unmapped  # the restore read views of the file, not host copies
+    after = run.sampler.state_dict()
+    for a, b in zip(before["position"][0] + before["velocity"][0], after["position"][0] + after["velocity"][0]):
+        assert torch.equal(a, b)
+    assert before["step"] == after["step"] and before["ln_luminosity"] == after["ln_luminosity"]
+    assert not list(run.ckpt_path.parent.glob(".*")), "the snapshot file is removed after the trial"
