@@ -85,7 +85,7 @@ def test_chunks_and_pieces_do_not_change_the_integers():
     whole = limbs_to_ints(pieces_limbs([(v, g, noise)])[0])
     cuts = [0, 1, 2, 700, 701, 2000, 3000]  # pieces of 1, 1, 698, 1, 1299 and 1000 elements
     pieces = [(v[a:b], g[a:b], noise[a:b]) for a, b in zip(cuts, cuts[1:])]
-    for chunk in (3, 37, 1000, 2**16):  # small pieces joined, large ones cut
+    for chunk in (37, 1000, 2**16):  # small pieces joined, large ones cut
         assert limbs_to_ints(pieces_limbs(pieces, chunk=chunk)[0]) == whole
 
 
