@@ -5,8 +5,9 @@ end at the same sample; a launch with other settings per rank, or another rank c
 resume, stops every rank with one message.
 
 Most of a torchrun launch of the tiny GPT-2 is process start and imports (torch, transformers),
-so launches are shared: one W = 2 run serves three tests (module fixture), and the W = 3 launch
-also makes the refused resume (tests/run/sharded_launcher.py runs both in the same processes).
+so launches are shared (tests/run/sharded_launcher.py runs several command lines in the same
+processes): one W = 2 run serves three tests, the resume of the killed run and the launch with
+other settings per rank are one launch, and the W = 3 launch also makes the refused resume.
 """
 from __future__ import annotations
 
@@ -69,14 +70,9 @@ def _env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _sample(world: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(_torchrun_cmd(world, ["-m", "rtllm.cli", "sample", *args]), env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def _why(done: subprocess.CompletedProcess) -> str:
-    """The lines of a failed launch that say why (torchrun's own summary says little)."""
-    lines = (done.stdout + done.stderr).splitlines()
+def _why(text: str) -> str:
+    """The lines of a failed launch's output that say why (torchrun's own summary says little)."""
+    lines = text.splitlines()
     return "\n".join(l for l in lines if "rror" in l and "errors.html" not in l)[-4000:]
 
 
@@ -90,23 +86,65 @@ def _args(model_dir, train_file, out) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny_model_dir, train_file, tmp_path_factory, one_thread):
-    """The one-process chain taking the 2 ranks' parts as micro-batches, and the chain over 2 ranks."""
+    """The one-process chain taking the 2 ranks' parts as micro-batches, and two W = 2 launches:
+    (A) the same chain over 2 ranks, then a run whose rank 1 is SIGKILLed after its first
+    checkpoint; (B) the resume of that run on all ranks, then a run whose ranks get other seeds."""
     base = tmp_path_factory.mktemp("two_ranks")
-    _alone([*_args(tiny_model_dir, train_file, base / "alone"), "--micro-batch", "3"])
-    done = _sample(2, _args(tiny_model_dir, train_file, base / "sharded"))
-    return SimpleNamespace(alone=base / "alone", sharded=base / "sharded", done=done)
+    alone, sharded, killed, broken = (base / name for name in ("alone", "sharded", "killed", "broken"))
+    _alone([*_args(tiny_model_dir, train_file, alone), "--micro-batch", "3"])
+    output = base / "launch-a.txt"
+    with open(output, "w") as sink:
+        agent = subprocess.Popen(_launch_cmd(2, [["sample", *_args(tiny_model_dir, train_file, sharded)],
+                                                 ["sample", *_args(tiny_model_dir, train_file, killed)]]),
+                                 env=_env(), stdout=sink, stderr=subprocess.STDOUT, text=True)
+        rank1_ckpt = checkpoint_path(killed / "ranks" / "rank-01", 0)
+        deadline = time.monotonic() + 300
+        while not rank1_ckpt.exists() and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pid = _rank_pid(agent.pid, 1)
+        alive = pid is not None and agent.poll() is None
+        if alive:
+            os.kill(pid, signal.SIGKILL)
+        code = agent.wait(timeout=120)
+    first = SimpleNamespace(text=output.read_text(), alive=alive, code=code, killed_hashes=_hashes(killed))
+    second = _launch(2, [["sample", *_args(tiny_model_dir, train_file, killed), "--resume"],
+                         # each rank appends its own --seed ({RANK}): other settings per rank
+                         ["sample", *_args(tiny_model_dir, train_file, broken), "--seed", "{RANK}"]])
+    return SimpleNamespace(alone=alone, sharded=sharded, killed=killed, broken=broken, first=first,
+                           second=second)
+
+
+def _launch_cmd(world: int, runs: list[list[str]]) -> list[str]:
+    """Several command lines in one torchrun launch (tests/run/sharded_launcher.py)."""
+    return _torchrun_cmd(world, [str(LAUNCHER), json.dumps(runs)])
+
+
+def _launch(world: int, runs: list[list[str]]) -> subprocess.CompletedProcess:
+    return subprocess.run(_launch_cmd(world, runs), env=_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+def _exit_codes(text: str) -> dict[str, list[int]]:
+    """{rank: the exit code of each command line that ended} as the launcher printed them."""
+    codes: dict[str, list[int]] = {}
+    for line in text.splitlines():
+        if line.startswith("rank ") and " exit code " in line:
+            codes.setdefault(line.split()[1].rstrip(":"), []).append(int(line.rsplit(" ", 1)[1]))
+    return codes
 
 
 def test_sharded_run_writes_the_one_process_samples(two_ranks):
-    done, alone, sharded = two_ranks.done, two_ranks.alone, two_ranks.sharded
-    assert done.returncode == 0, _why(done)
+    alone, sharded, text = two_ranks.alone, two_ranks.sharded, two_ranks.first.text
+    codes = _exit_codes(text)
+    assert codes.get("0", [None])[0] == 0 and codes.get("1", [None])[0] == 0, _why(text)
     assert len(_hashes(alone)) == 2 and _hashes(sharded) == _hashes(alone)
     assert (sharded / "checkpoints").is_dir() and (sharded / "ranks" / "rank-01" / "checkpoints").is_dir()
     assert not (sharded / "ranks" / "rank-01" / "samples").exists() or \
         not any((sharded / "ranks" / "rank-01" / "samples").iterdir())  # rank 0 writes the samples
     # one line names the one-process command it equals (the command of the `alone` run)
-    assert done.stdout.count("bit for bit the chain of one process running `rtllm sample") == 1
-    assert "--shard-state --micro-batch 3` (docs/sharding.md)" in done.stdout
+    said = [line for line in text.splitlines() if f"--out {sharded} " in line
+            and "bit for bit the chain of one process running `rtllm sample" in line]
+    assert len(said) == 1 and said[0].endswith("--shard-state --micro-batch 3` (docs/sharding.md)")
 
 
 def _samples(out: Path) -> list[dict[str, torch.Tensor]]:
@@ -155,15 +193,11 @@ def test_three_ranks_write_the_one_process_samples_and_refuse_a_two_rank_resume(
     sharded, two = tmp_path / "sharded", tmp_path / "two-rank-run"
     shutil.copytree(two_ranks.sharded, two)
     before = {p: p.stat().st_mtime_ns for p in two.rglob("*")}
-    runs = [["sample", *_args(tiny_model_dir, train_file, sharded)],
-            ["sample", *_args(tiny_model_dir, train_file, two), "--resume"]]
-    done = subprocess.run(_torchrun_cmd(3, [str(LAUNCHER), json.dumps(runs)]), env=_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, _why(done)
+    done = _launch(3, [["sample", *_args(tiny_model_dir, train_file, sharded)],
+                       ["sample", *_args(tiny_model_dir, train_file, two), "--resume"]])
     text = done.stdout + done.stderr
-    codes = {line.split()[1].rstrip(":"): json.loads(line.rsplit("exit codes ", 1)[1]) for line in done.stdout.splitlines()
-             if line.startswith("rank ") and ": exit codes " in line}
-    assert codes == {"0": [0, 2], "1": [0, 2], "2": [0, 2]}, text[-3000:]
+    assert done.returncode == 0, _why(text)
+    assert _exit_codes(done.stdout) == {"0": [0, 2], "1": [0, 2], "2": [0, 2]}, text[-3000:]
     assert len(_hashes(alone)) == 2 and _hashes(sharded) == _hashes(alone)
     # another rank count on resume: refused by every rank, with one message, nothing touched
     assert text.count("chain over 2 rank(s), this launch has 3") == 3, text[-3000:]
@@ -185,40 +219,24 @@ def _rank_pid(agent: int, rank: int) -> int | None:
     return None
 
 
-def test_a_killed_rank_and_resume_end_at_the_same_sample(two_ranks, tiny_model_dir, train_file, tmp_path):
+def test_a_killed_rank_and_resume_end_at_the_same_sample(two_ranks):
     whole = two_ranks.alone  # the uninterrupted chain: one process, the 2 ranks' parts in turn
-    out = tmp_path / "killed"
-    agent = subprocess.Popen(_torchrun_cmd(2, ["-m", "rtllm.cli", "sample",
-                                               *_args(tiny_model_dir, train_file, out)]),
-                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rank1_ckpt = checkpoint_path(out / "ranks" / "rank-01", 0)
-    deadline = time.monotonic() + 240
-    while not rank1_ckpt.exists() and agent.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    pid = _rank_pid(agent.pid, 1)
-    assert pid is not None and agent.poll() is None, "the run ended before a rank could be killed"
-    os.kill(pid, signal.SIGKILL)
-    assert agent.wait(timeout=120) != 0  # torchrun stops the group
-    assert len(_hashes(out)) < 2  # killed before its last sample
-
-    resumed = _sample(2, [*_args(tiny_model_dir, train_file, out), "--resume"])
-    assert resumed.returncode == 0, _why(resumed)
-    assert _hashes(out) == _hashes(whole)
+    first, second = two_ranks.first, two_ranks.second
+    assert first.alive, "the run ended before a rank could be killed"
+    assert first.code != 0  # torchrun stops the group
+    assert len(first.killed_hashes) < 2  # killed before its last sample
+    assert second.returncode == 0, _why(second.stdout + second.stderr)
+    assert _exit_codes(second.stdout) == {"0": [0, 2], "1": [0, 2]}, (second.stdout + second.stderr)[-3000:]
+    assert _hashes(two_ranks.killed) == _hashes(whole)
 
 
-def test_ranks_started_with_different_settings_all_stop(tiny_model_dir, train_file, tmp_path):
-    launcher = tmp_path / "launcher.py"  # each rank appends its own --seed: a broken launch
-    launcher.write_text("import os, sys\nfrom rtllm.cli import main\n"
-                        "sys.exit(main(sys.argv[1:] + ['--seed', os.environ['RANK']]))\n")
-    out = tmp_path / "out"
-    done = subprocess.run(_torchrun_cmd(2, [str(launcher), "sample",
-                                            *_args(tiny_model_dir, train_file, out)]),
-                          env=_env(), capture_output=True, text=True, timeout=120)
+def test_ranks_started_with_different_settings_all_stop(two_ranks):
+    done = two_ranks.second  # its second command line: rank r appended --seed r
     text = done.stdout + done.stderr
-    assert done.returncode != 0
+    assert _exit_codes(done.stdout) == {"0": [0, 2], "1": [0, 2]}, text[-3000:]
     assert text.count("rtllm sample: error: rank 1 was started with other settings than rank 0 "
                       "(seed: 1 vs 0)") == 2, text[-3000:]
-    assert not out.exists()
+    assert not two_ranks.broken.exists()
 
 
 @pytest.mark.parametrize("extra, message", [
