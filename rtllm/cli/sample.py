@@ -49,7 +49,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--prior-center", choices=["zero", "start"], default="zero", help="prior mean: zero, or the starting "
       "weights (+2 bytes/parameter) (%(default)s)")
     a("--batch-size", type=int, default=d["batch_size"].default, help="sequences per step (%(default)s)")
-    a("--micro-batch", type=int, help="sequences per forward/backward; gradients accumulate in fp32")
+    a("--micro-batch", type=int, help="sequences per forward/backward; gradients accumulate in fp32 (in float64 "
+      "with --shard-state, as its ranks' gradients are summed)")
     a("--seq-len", type=int, help="tokens per sequence (default: the model's context length)")
     a("--refresh-rate", type=float, default=d["refresh_rate"].default, help="partial velocity refresh per "
       "unit time (%(default)s)")
