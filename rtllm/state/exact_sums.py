@@ -7,12 +7,13 @@ the pieces differ. So here every term is formed exactly and summed exactly:
 
 - each term (v*v, g*g, v*g, n*n, n*v, n*g) of fp32 (or bf16) factors is exact in float64
   (24 + 24 significant bits <= 53; the exponent range of fp32 products fits float64's);
-- a row of terms is summed exactly by cutting it into levels: with M the largest |term| and
-  s = exponent(M) - D, every term's part above 2**s, trunc(term * 2**-s) * 2**s, is an integer
-  multiple of 2**s below 2**(s + D) in magnitude; n such integers (n * 2**D <= 2**52) sum in
-  float64 without rounding, in any order. The parts are subtracted (exactly: they are the terms'
-  high bits) and the next level starts below the largest remainder, until nothing remains:
-  ~3-5 levels of 4 vectorized passes for real data (each term has <= 48 significant bits);
+- a row of terms is summed exactly by cutting it into levels: with M the largest |term|
+  (M < 2**(s + D)), every term rounded to a multiple of 2**s (add and remove 1.5 * 2**(s + 52):
+  exact, as |term| < 2**(s + 51)) is a multiple of 2**s of magnitude <= 2**(s + D); n of them
+  (n * 2**D <= 2**52) sum in float64 without rounding, in any order. They are subtracted
+  (exactly: the remainders are the terms' low bits, |.| <= 2**(s - 1)) and the next level starts
+  below the largest remainder, until nothing remains: ~3-6 levels of 5 vectorized passes for
+  real data (each term has <= 48 significant bits);
 - the level sums are added as Python integers at their bit positions: the exact sum of the row
   as a multiple of 2**LSB_EXP, held in int64 limbs of LIMB_BITS bits. Integer addition is
   associative, so local sums over any pieces, and an integer all-reduce of them over any ranks,
@@ -20,10 +21,10 @@ the pieces differ. So here every term is formed exactly and summed exactly:
 - that integer is rounded to float64 once (correctly rounded), so every rank and the
   one-process chain see the same six float64 numbers per ray.
 
-Any exact method gives the same integer, so the limbs do not depend on how the elements are cut
+Any exact method gives the same integer, so it does not depend on how the elements are cut
 into chunks (EXACT_CHUNK) or levels. The first implementation (every term's significand
-scattered into the limbs with index_add_) is kept in scripts/bench_exact_sums.py, which checks
-that both give the same limbs and times them (docs/benchmarks.md, issue 14).
+scattered into the limbs with index_add_, 6-9x slower) is kept in scripts/bench_exact_sums.py,
+which checks that both give the same integers and times them (docs/benchmarks.md, issue 14).
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ def exact_row_sum(terms: Tensor, scratch: Tensor) -> int:
         level = torch.add(terms, magic, out=scratch).sub_(magic)
         terms.sub_(level)  # exact: the remainders, |.| <= 2**(shift - 1)
         level_sum, low, high = torch.stack([level.sum(), *torch.aminmax(terms)]).tolist()  # one sync
-        # shift > LSB_EXP (module note), so the level sum is an integer at a nonnegative position
+        # every remainder is a multiple of 2**-298 (fp32 products), so largest >= 2**-298 and
+        # shift >= -297 - 51 > LSB_EXP: the level sum is an integer at a nonnegative position
         total += int(math.ldexp(level_sum, -shift)) << (shift - LSB_EXP)
         largest = max(-low, high)
     return total
