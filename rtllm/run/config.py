@@ -205,7 +205,12 @@ class SampleConfig:
             (self.sample_dtype != "compute", "--sample-dtype fp32",
              "drop it: samples are written in the compute dtype (fp32 on CPU, bf16 on GPU)"),
             (self.prior_center == "start", "--prior-center start",
-             "drop it: the prior is centred at zero (--prior-scale sets its width)")]
+             "drop it: the prior is centred at zero (--prior-scale sets its width)"),
+            # MCLMC's and SMILE's energy holds the prior's |x|^2, a sum each rank would take over
+            # its own shard only (the ray tracer's prior term is elementwise: fine)
+            (self.prior_scale is not None and self.sampler in ("mclmc", "smile"),
+             f"--prior-scale with --sampler {self.sampler}",
+             "drop --prior-scale, or use --sampler ray")]
         named = [f"--shard-state does not support {name} yet: {remedy}"
                  for bad, name, remedy in unsupported if bad]
         if named:

@@ -243,6 +243,8 @@ def test_ranks_started_with_different_settings_all_stop(two_ranks):
     (["--layout", "fp32-split"], "--shard-state does not support --layout fp32-split yet"),
     (["--params", "h\\.0"], "--shard-state does not support --params yet"),
     (["--chain", "2"], "--shard-state runs one chain over all ranks in --out; drop --chain"),
+    (["--sampler", "mclmc", "--L", "0.5", "--prior-scale", "1", "--burn-in", "4"],
+     "--shard-state does not support --prior-scale with --sampler mclmc yet"),
 ])
 def test_options_it_cannot_shard_fail_with_one_line(extra, message, tiny_model_dir, train_file,
                                                     tmp_path, capsys):
