@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # our own progress bar and messages say what happens
     argv = sys.argv[1:] if argv is None else list(argv)
+    args.argv = argv  # for messages that quote the command (sample --shard-state)
     resumable = args.command in ("sample", "mile")
     try:
         with interrupt_on_signals():

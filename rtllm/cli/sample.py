@@ -49,7 +49,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--prior-center", choices=["zero", "start"], default="zero", help="prior mean: zero, or the starting "
       "weights (+2 bytes/parameter) (%(default)s)")
     a("--batch-size", type=int, default=d["batch_size"].default, help="sequences per step (%(default)s)")
-    a("--micro-batch", type=int, help="sequences per forward/backward; gradients accumulate in fp32")
+    a("--micro-batch", type=int, help="sequences per forward/backward; gradients accumulate in fp32 (in float64 "
+      "with --shard-state, as its ranks' gradients are summed)")
     a("--seq-len", type=int, help="tokens per sequence (default: the model's context length)")
     a("--refresh-rate", type=float, default=d["refresh_rate"].default, help="partial velocity refresh per "
       "unit time (%(default)s)")
@@ -98,9 +99,11 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--encoding", help="encoding of the text files, e.g. latin-1 (default: UTF-8; text that does not "
       "decode is refused)")
     a("--deterministic", action="store_true", help="deterministic CUDA kernels (bit-identical resume on GPU)")
-    a("--shard-state", action="store_true", help="one chain over all torchrun ranks: model and sampler "
-      "state sharded with FSDP2, each rank its share of every minibatch; bit-identical whatever "
-      "the number of ranks at a fixed per-rank batch (docs/sharding.md)")
+    a("--shard-state", action="store_true", help="one chain over all W torchrun ranks: model and sampler "
+      "state sharded with FSDP2, each rank B/W of the B sequences of every minibatch, exact per-ray "
+      "sums. Bit for bit the chain of `rtllm sample --shard-state --micro-batch B/W` (same options) "
+      "on one process, for any W at that B/W; it differs from the one-process chain without "
+      "--shard-state (whole-batch gradient, fast sums) only at rounding level (docs/sharding.md)")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     a("--overwrite", action="store_true", help="replace an earlier rtllm run in --out")
 
@@ -143,7 +146,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if cfg.shard_state:  # one chain over all ranks
         from rtllm.run.sharded_run import run_sharded
 
-        run_sharded(cfg, launch=Launch.from_env(), resume=args.resume, overwrite=args.overwrite)
+        run_sharded(cfg, launch=Launch.from_env(), resume=args.resume, overwrite=args.overwrite,
+                    argv=getattr(args, "argv", None))
         return 0
     run_sample(cfg, first_chain=args.chain, resume=args.resume, overwrite=args.overwrite)
     return 0

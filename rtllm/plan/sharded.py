@@ -9,8 +9,8 @@ plus what FSDP2 holds (rtllm.lm.fsdp: one unit per block, the root unit for the 
   forward and backward);
 - reduce-scatter buffers of the largest unit: its unsharded gradient (compute dtype), the
   float64 copy that is reduced (rtllm.lm.fsdp sums in float64), and the float64 shard it returns;
-- the exact reduce pass's temporaries (rtllm.state.exact_sums: ~600 bytes per element of a
-  chunk of EXACT_CHUNK elements).
+- the exact reduce pass's scratch (rtllm.state.exact_sums: EXACT_SCRATCH_BYTES per element of a
+  chunk of EXACT_CHUNK_CUDA elements on CUDA, EXACT_CHUNK on CPU).
 
 Every term is added to the peak even where two never coexist (the step's scratch and the
 backward's buffers): an upper bound, by at most the smaller of them.
@@ -24,7 +24,6 @@ from rtllm.plan.memory import (CONTEXT, FRAGMENTATION, GIB, GRADIENTS, NOISE, PO
                                SEGMENT_TABLES, UNDO, VELOCITY, WEIGHTS, ModelShape, model_shape,
                                plan_memory)
 
-EXACT_SUM_BYTES_PER_ELEMENT = 600  # float64 terms and int64 limb temporaries of one chunk
 SHARDED_ROWS = (WEIGHTS, POSITION, VELOCITY, GRADIENTS, PRIOR, UNDO, NOISE, SEGMENT_TABLES)
 ALL_GATHER, REDUCE_SCATTER = "FSDP all-gather (2 blocks + root)", "FSDP reduce-scatter (largest unit)"
 EXACT_SCRATCH, ACTIVATIONS = "exact-sum scratch", "activations (B/W sequences)"
@@ -82,9 +81,10 @@ def plan_sharded(config, *, world_size: int, batch: int, seq: int, device: str =
     largest = max(block, root)
     rows[REDUCE_SCATTER] = (a + 8) * largest + math.ceil(8 * largest / world_size) \
         if world_size > 1 else 0
-    from rtllm.state.exact_sums import EXACT_CHUNK
+    from rtllm.state.exact_sums import EXACT_CHUNK, EXACT_CHUNK_CUDA, EXACT_SCRATCH_BYTES
 
-    rows[EXACT_SCRATCH] = EXACT_SUM_BYTES_PER_ELEMENT * EXACT_CHUNK
+    chunk = EXACT_CHUNK_CUDA if str(device).startswith("cuda") else EXACT_CHUNK
+    rows[EXACT_SCRATCH] = EXACT_SCRATCH_BYTES * chunk
     known = one.activations_known
     if known:
         from rtllm.plan.activations import PARTS

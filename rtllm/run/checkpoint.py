@@ -212,6 +212,20 @@ def _mapped_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
+def read_run_state(path: Path) -> dict | None:
+    """The run's plain state (step, world size, ...) from a checkpoint's header, its tensors left
+    unread; None when there is none or it cannot be read (load_checkpoint then says why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            saved = json.loads((f.metadata() or {}).get(_META_KEY))
+        state = saved["state"]["state"]
+    except Exception:  # noqa: BLE001 - any unreadable file: the full load reports it
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def remove_stale_temporaries(checkpoint_dir: Path) -> list[Path]:
     """Delete `.NAME.tmp-PID` files that killed checkpoint writes left; returns them.
 

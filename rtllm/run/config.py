@@ -198,15 +198,23 @@ class SampleConfig:
         return dataclasses.asdict(self)
 
     def _check_shard_state(self) -> None:
-        unsupported = [(self.layout != "fp32", f"--layout {self.layout}"),
-                       (self.params is not None, "--params"),
-                       (self.sample_dtype != "compute", "--sample-dtype fp32"),
-                       (self.prior_center == "start", "--prior-center start")]
-        named = [name for bad, name in unsupported if bad]
+        unsupported = [
+            (self.layout != "fp32", f"--layout {self.layout}",
+             "use --layout fp32 (12 bytes/parameter, divided over the ranks)"),
+            (self.params is not None, "--params", "drop it: every parameter is sampled"),
+            (self.sample_dtype != "compute", "--sample-dtype fp32",
+             "drop it: samples are written in the compute dtype (fp32 on CPU, bf16 on GPU)"),
+            (self.prior_center == "start", "--prior-center start",
+             "drop it: the prior is centred at zero (--prior-scale sets its width)"),
+            # MCLMC's and SMILE's energy holds the prior's |x|^2, a sum each rank would take over
+            # its own shard only (the ray tracer's prior term is elementwise: fine)
+            (self.prior_scale is not None and self.sampler in ("mclmc", "smile"),
+             f"--prior-scale with --sampler {self.sampler}",
+             "drop --prior-scale, or use --sampler ray")]
+        named = [f"--shard-state does not support {name} yet: {remedy}"
+                 for bad, name, remedy in unsupported if bad]
         if named:
-            raise ValueError(f"--shard-state does not support {', '.join(named)} yet: drop "
-                             f"{'it' if len(named) == 1 else 'them'} (layout fp32, all parameters "
-                             f"sampled, samples in the compute dtype)")
+            raise ValueError("; ".join(named))
 
     def chain_defining(self) -> dict:
         """The fields that define the chain: a resumed run must agree on all of them."""

@@ -176,10 +176,7 @@ class ShardedSamplingRun(SamplingRun):
             everyone = [{"steps": sorted(mine), "worlds": sorted(worlds)}]
         seen = {w for e in everyone for w in e["worlds"]}
         if seen - {self.world}:
-            raise ValueError(f"--resume: the checkpoints in {self.cfg.out_dir} are of a chain over "
-                             f"{sorted(seen)[0]} rank(s), this launch has {self.world}: resume with "
-                             f"the same number of ranks (--nproc-per-node), or start anew with "
-                             f"--overwrite")
+            raise ValueError(world_mismatch(self.cfg.out_dir, sorted(seen - {self.world})[0], self.world))
         common = set(everyone[0]["steps"]).intersection(*(e["steps"] for e in everyone))
         if not common:
             if any(e["steps"] for e in everyone):
@@ -194,6 +191,37 @@ class ShardedSamplingRun(SamplingRun):
             super()._load_checkpoint()
         finally:
             self.ckpt_path = real
+
+
+def world_mismatch(out: Path, recorded: int, world: int) -> str:
+    return (f"--resume: the checkpoints in {out} are of a chain over {recorded} rank(s), this "
+            f"launch has {world}: resume with the same number of ranks (--nproc-per-node), or "
+            f"start anew with --overwrite")
+
+
+def recorded_worlds(out: Path, rank: int, chain: int) -> list[int]:
+    """The rank counts recorded in rank `rank`'s checkpoints (their headers only)."""
+    from rtllm.run.checkpoint import checkpoint_path, read_run_state
+
+    path = checkpoint_path(rank_out_dir(out, rank), chain)
+    states = [read_run_state(p) for p in (path, _previous(path)) if p.exists()]
+    return sorted({s["world_size"] for s in states if s and isinstance(s.get("world_size"), int)})
+
+
+def equal_one_process_command(argv: list[str] | None, cfg: SampleConfig, world: int) -> str:
+    """The one-process command line whose chain a launch over `world` ranks reproduces bit for bit:
+    the same options with --micro-batch B/W (and --shard-state: the exact sums)."""
+    import shlex
+
+    kept, skip = [], False
+    for a in argv or ["sample", "...", "--shard-state"]:
+        if skip:
+            skip = False
+        elif a in ("--micro-batch", "--resume", "--overwrite") or a.startswith("--micro-batch="):
+            skip = a == "--micro-batch"
+        else:
+            kept.append(a)
+    return shlex.join(["rtllm", *kept, "--micro-batch", str(cfg.batch_size // world)])
 
 
 class _NotHeld:
@@ -236,8 +264,10 @@ class _GatheringWriter:
 
 
 def run_sharded(cfg: SampleConfig, *, launch: Launch | None, resume: bool, overwrite: bool,
-                log: Callable[[str], None] = print) -> Path:
-    """One sharded chain in cfg.out over the torchrun launch (or on this process alone)."""
+                log: Callable[[str], None] = print, argv: list[str] | None = None) -> Path:
+    """One sharded chain in cfg.out over the torchrun launch (or on this process alone).
+    argv: the command line (without the program), for the line that names the equal
+    one-process command."""
     if launch is None:
         ShardedSamplingRun(cfg, resume=resume, overwrite=overwrite, log=log).run()
         return cfg.out_dir
@@ -254,23 +284,35 @@ def run_sharded(cfg: SampleConfig, *, launch: Launch | None, resume: bool, overw
     backend = "nccl" if str(device).startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
-                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+    owned = not dist.is_initialized()  # a program that set up torch.distributed keeps its group
+    if owned:
+        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
+                                timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
     try:
         # every rank the same settings, or every rank the same error (as rtllm.run.chains.handshake)
         gathered: list = [None] * launch.world_size
         dist.all_gather_object(gathered, {"settings": {**cfg.to_json(), "resume": resume,
                                                        "overwrite": overwrite}, "error": error})
         check_gathered(gathered)
+        if resume:  # another rank count: refused on every rank before anything is touched
+            worlds: list = [None] * launch.world_size
+            dist.all_gather_object(worlds, recorded_worlds(cfg.out_dir, launch.rank, cfg.chain))
+            other = sorted({w for ws in worlds for w in ws} - {launch.world_size})
+            if other:
+                raise ValueError(world_mismatch(cfg.out_dir, other[0], launch.world_size))
         lock = prepare_out_dir(cfg, resume, overwrite) if launch.rank == 0 else None
         dist.barrier()
         # the chain is that of one process taking the ranks' parts as micro-batches: say so
         rcfg = dataclasses.replace(cfg, out=str(rank_out_dir(cfg.out_dir, launch.rank)), device=device,
                                    micro_batch=cfg.micro_batch or cfg.batch_size // launch.world_size)
         say = log if launch.rank == 0 else (lambda m: None)
+        say(f"one chain over {launch.world_size} ranks, {rcfg.micro_batch} of the {cfg.batch_size} "
+            f"sequences of each minibatch on each: bit for bit the chain of one process running "
+            f"`{equal_one_process_command(argv, cfg, launch.world_size)}` (docs/sharding.md)")
         # the directory is prepared: a fresh run finds it empty, a resumed one its checkpoints
         ShardedSamplingRun(rcfg, resume=True, overwrite=False, log=say, held_lock=lock).run()
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        if owned:
+            dist.destroy_process_group()
     return cfg.out_dir

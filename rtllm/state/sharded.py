@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rtllm.kernels.philox import philox_normals
-from rtllm.state.exact_sums import NUM_LIMBS, carry_, limbs_to_float, shard_limbs
+from rtllm.state.exact_sums import NUM_LIMBS, carry_, limbs_to_float, pieces_limbs
 from rtllm.state.flat import FlatGroup, Shard, Slot
 
 _V_BAD, _G_BAD = 0, 1
@@ -121,13 +121,13 @@ class ShardedState:
         device = flat[0].shards[0].x.device
         limbs = torch.zeros(num_rays, 6, NUM_LIMBS, dtype=torch.int64, device=device)
         bad = torch.zeros(num_rays, 2, dtype=torch.int64, device=device)
-        for fg, ray in zip(flat, ray_of_group):
-            for shard in fg.shards:
-                noise = shard_noise(backend, shard, key) if key["noise"] else None
-                shard_sums, shard_bad = shard_limbs(shard.v, shard.g, noise)
-                limbs[ray] += shard_sums
-                carry_(limbs[ray])
-                bad[ray] += shard_bad
+        for fg, ray in zip(flat, ray_of_group):  # small shards are joined into one pass
+            pieces = [(s.v, s.g, shard_noise(backend, s, key) if key["noise"] else None)
+                      for s in fg.shards if s.numel]
+            group_sums, group_bad = pieces_limbs(pieces)
+            limbs[ray] += group_sums.to(device)
+            carry_(limbs[ray])
+            bad[ray] += group_bad.to(device)
         packed = torch.cat([limbs.view(-1), bad.view(-1)])
         if self.distributed:  # the one collective of the step: integers, so any order agrees
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
