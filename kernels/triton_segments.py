@@ -24,8 +24,8 @@ from .triton_step import BLOCK, _NUM_WARPS, _check_device, _normals_block, _stor
 __all__ = ["Segments", "build_segments", "reduce_segments", "update_segments"]
 
 # Table columns (int64): where each shard's buffers start, in elements from the role's base
-# tensor; its length; its first Philox quad (offset // 4).
-_X, _LO, _V, _G, _C, _N, _QUAD, _COLUMNS = range(8)
+# tensor; its length; its first Philox quad (offset // 4); its drift preconditioner (0 without).
+_X, _LO, _V, _G, _C, _N, _QUAD, _P, _COLUMNS = range(9)
 _ALIGN_BYTES = 16  # one ld/st.global.v4.b32
 
 
@@ -85,9 +85,10 @@ def _update_segments_kernel(
     delta, seed, step, stream,
     OFFSET_MOD: tl.constexpr, NOISE: tl.constexpr, HAS_COMPUTE: tl.constexpr, SPLIT: tl.constexpr,
     ALIGN_X: tl.constexpr, ALIGN_V: tl.constexpr, ALIGN_G: tl.constexpr, ALIGN_C: tl.constexpr,
-    BLOCK: tl.constexpr, COLUMNS: tl.constexpr,
+    BLOCK: tl.constexpr, COLUMNS: tl.constexpr, p_base, PRECOND: tl.constexpr, ALIGN_P: tl.constexpr,
 ):
     row, blk, N, quad_base = _segment(table_ptr, block_seg_ptr, block_idx_ptr, COLUMNS)
+    p_ptr = p_base + _start(row, 7, ALIGN_P)
     seg = tl.load(block_seg_ptr + tl.program_id(0)).to(tl.int64)
     x_ptr = x_base + _start(row, 0, ALIGN_X)
     lo_ptr = lo_base + _start(row, 1, ALIGN_X)
@@ -105,10 +106,10 @@ def _update_segments_kernel(
     alpha, beta, gamma = tl.load(coef + 0), tl.load(coef + 1), tl.load(coef + 2)
     if _full_block(blk, N, OFFSET_MOD, BLOCK):
         _update_block(x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, idx, mask, alpha, beta, gamma, delta,
-                      noise, NOISE, HAS_COMPUTE, SPLIT, False)
+                      noise, NOISE, HAS_COMPUTE, SPLIT, False, p_ptr, PRECOND)
     else:
         _update_block(x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, idx, mask, alpha, beta, gamma, delta,
-                      noise, NOISE, HAS_COMPUTE, SPLIT, True)
+                      noise, NOISE, HAS_COMPUTE, SPLIT, True, p_ptr, PRECOND)
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class Segments:
     v: list[torch.Tensor]
     g: list[torch.Tensor]
     compute: list[torch.Tensor] | None
+    precond: list[torch.Tensor] | None  # pSMILE's drift preconditioner per segment
     table: torch.Tensor  # int64 [segments, _COLUMNS]
     block_seg: torch.Tensor  # int32 [programs]: segment of each program
     block_idx: torch.Tensor  # int32 [programs]: block number within that segment
@@ -154,12 +156,14 @@ def build_segments(shards: list, offsets: list[int]) -> Segments:
     los = [s.x_lo for s in shards] if shards[0].x_lo is not None else None
     vs, gs = [s.v for s in shards], [s.g for s in shards]
     cs = [s.compute for s in shards] if shards[0].compute is not None else None
+    ps = [s.precond for s in shards] if getattr(shards[0], "precond", None) is not None else None
     rows, seg_of_block, idx_in_seg, blocks = [], [], [], []
     for i, (s, off) in enumerate(zip(shards, offsets)):
         n = s.v.numel()
         rows.append([_start_of(s.x, xs[0]), _start_of(s.x_lo, los[0]) if los else 0,
                      _start_of(s.v, vs[0]), _start_of(s.g, gs[0]),
-                     _start_of(s.compute, cs[0]) if cs else 0, n, off // 4])
+                     _start_of(s.compute, cs[0]) if cs else 0, n, off // 4,
+                     _start_of(s.precond, ps[0]) if ps else 0])
         count = triton.cdiv(n + mod, BLOCK)
         seg_of_block += [i] * count
         idx_in_seg += range(count)
@@ -167,11 +171,11 @@ def build_segments(shards: list, offsets: list[int]) -> Segments:
     device = vs[0].device
     as_tensor = lambda data, dtype: torch.tensor(data, dtype=dtype).to(device)  # noqa: E731
     return Segments(
-        x=xs, x_lo=los, v=vs, g=gs, compute=cs, table=as_tensor(rows, torch.int64),
+        x=xs, x_lo=los, v=vs, g=gs, compute=cs, precond=ps, table=as_tensor(rows, torch.int64),
         block_seg=as_tensor(seg_of_block, torch.int32), block_idx=as_tensor(idx_in_seg, torch.int32),
         blocks=as_tensor(blocks, torch.int64), offset_mod=mod,
         aligns=dict(x=_align(xs + (los or []), mod), v=_align(vs, mod), g=_align(gs, mod),
-                    c=_align(cs, mod) if cs else 1),
+                    c=_align(cs, mod) if cs else 1, p=_align(ps, mod) if ps else 1),
     )
 
 
@@ -192,7 +196,8 @@ def reduce_segments(seg: Segments, *, seed: int, step: int, stream: int, noise: 
 
 def update_segments(seg: Segments, coef: torch.Tensor, *, delta: float, seed: int, step: int,
                     stream: int, noise: bool) -> None:
-    """In place for every segment i: v <- alpha_i v + beta_i g + gamma_i n; x <- x + delta v.
+    """In place for every segment i: v <- alpha_i v + beta_i g + gamma_i n; x <- x + delta v
+    (x <- x + delta (v * p) with the segments' preconditioner p).
 
     coef: float32 [segments, 3] (alpha, beta, gamma) on the shards' device.
     """
@@ -205,5 +210,7 @@ def update_segments(seg: Segments, coef: torch.Tensor, *, delta: float, seed: in
         float(delta), seed, step & 0xFFFFFFFF, stream,
         OFFSET_MOD=seg.offset_mod, NOISE=bool(noise), HAS_COMPUTE=seg.compute is not None,
         SPLIT=split, ALIGN_X=seg.aligns["x"], ALIGN_V=seg.aligns["v"], ALIGN_G=seg.aligns["g"],
-        ALIGN_C=seg.aligns["c"], BLOCK=BLOCK, COLUMNS=_COLUMNS, num_warps=_NUM_WARPS,
+        ALIGN_C=seg.aligns["c"], BLOCK=BLOCK, COLUMNS=_COLUMNS,
+        p_base=seg.precond[0] if seg.precond else seg.v[0], PRECOND=seg.precond is not None,
+        ALIGN_P=seg.aligns["p"], num_warps=_NUM_WARPS,
     )
