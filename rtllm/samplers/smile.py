@@ -109,10 +109,10 @@ class SMILE(MCLMC):
         self._collect_gradient()
         if self.preconditioner is not None:
             if rule.at_boundary:
-                # p of the step opening here, from the gradients of the boundaries before: it must
-                # not depend on this step's minibatch (measured: p that saw it heated the stiff
-                # coordinates of an anisotropic Gaussian ~20x); then this gradient enters the
-                # statistics for the next step.
+                # p of the step opening here, from the gradients of the boundaries before, so it
+                # does not depend on this step's minibatch (as in the authors' code, whose
+                # statistics take the previous step's end gradient); then this gradient enters
+                # the statistics for the next step.
                 self.preconditioner.refresh()
                 self.preconditioner.observe(self.scale_likelihood)
             self.preconditioner.scale_gradients()  # the kicks see g * p (the step's p)

@@ -20,9 +20,12 @@ in place before the reduce pass, so the reduce kernel and the scalar rules are M
 Memory: m, s^2 and p, fp32: 12 bytes per parameter (p could be derived from s^2 in the kernel;
 it is stored to keep the kernel change to one multiply).
 
-Timing within a step, as in the authors' code: the statistics take the gradient at a step
-boundary; that gradient's kicks (the closing kick of the finished step and the opening kick of
-the next, one fused update) use the *old* p, and p is refreshed before the new step's drift.
+Timing: at a step boundary p is refreshed from the statistics so far, then the boundary's
+gradient enters them. Here the boundary gradient is already on the new step's minibatch (both
+gradients of a step share one), so p never depends on the minibatch of the step it serves, as
+in the authors' code (statistics from the previous step's end gradient, on its minibatch). The
+closing kick of the finished step shares the boundary's update with the opening kick of the new
+one, so it uses the new p too (one gradient, one scaling).
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ class DiagonalPreconditioner:
         self.p = [torch.ones(s.numel, dtype=torch.float32, device=s.v.device) for s in shards]
         self.num_params = sum(s.numel for s in shards)
         self.updates = 0
+        self.frozen = False  # True: p and the statistics stay as they are (observe/refresh do nothing)
         for shard, p in zip(shards, self.p):
             shard.precond = p
 
@@ -58,12 +62,14 @@ class DiagonalPreconditioner:
     def observe(self, scale: float) -> None:
         """Fold in the gradient in the shards' buffers (G = scale * g: g is the loss gradient,
         the prior's term already added as a fraction of `scale`)."""
+        if self.frozen:
+            return
         for shard, m, var in zip(self.shards, self.mean, self.var):
             for start in range(0, shard.numel, _SLICE):
                 sl = slice(start, start + _SLICE)
                 # as the authors clip their gradients: a non-finite or huge one (a divergence,
                 # which the step then undoes) must not poison the statistics for good
-                grad = shard.g[sl].float().mul_(scale).nan_to_num_(0.0, MAX_GRAD, -MAX_GRAD)
+                grad = shard.g[sl].to(torch.float32, copy=True).mul_(scale).nan_to_num_(0.0, MAX_GRAD, -MAX_GRAD)
                 grad.clamp_(-MAX_GRAD, MAX_GRAD)
                 m[sl].mul_(1 - EMA).add_(grad, alpha=EMA)
                 dev = grad.sub_(m[sl]).square_()
@@ -73,6 +79,8 @@ class DiagonalPreconditioner:
     @torch.no_grad()
     def refresh(self) -> None:
         """p <- sqrt(mean(s_c^2)) / s_c from the current statistics (a sum over all parameters)."""
+        if self.frozen:
+            return
         total = 0.0
         for var, p in zip(self.var, self.p):
             for start in range(0, var.numel(), _SLICE):
@@ -91,7 +99,8 @@ class DiagonalPreconditioner:
             shard.g.mul_(p)
 
     def state_dict(self) -> dict:
-        return {"mean": self.mean, "var": self.var, "p": self.p, "updates": self.updates}
+        return {"mean": self.mean, "var": self.var, "p": self.p, "updates": self.updates,
+                "frozen": self.frozen}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -103,3 +112,4 @@ class DiagonalPreconditioner:
             for dst, src in zip(getattr(self, key), state[key]):
                 dst.copy_(src)
         self.updates = int(state["updates"])
+        self.frozen = bool(state["frozen"])
