@@ -4,13 +4,11 @@ gradient noise. Seeded (deterministic); each statistical threshold states its si
 from __future__ import annotations
 
 import io
-import math
 
 import numpy as np
 import pytest
 import torch
 
-import rtllm
 from rtllm.samplers.smile import SMILE
 from rtllm.samplers.smile_precond import CLIP, EMA, VAR_FLOOR
 
