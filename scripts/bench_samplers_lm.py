@@ -297,9 +297,11 @@ def summary(acc: metrics.PredictiveAccumulator, windows: int, tokens: int) -> di
     return out
 
 
-def run_mile(p: Problem, s: LMSettings, acc: metrics.PredictiveAccumulator) -> dict:
+def run_mile(p: Problem, s: LMSettings, acc: metrics.PredictiveAccumulator,
+             deep: metrics.PredictiveAccumulator | None = None) -> dict:
     """MILE: K members fine-tuned by AdamW with early stopping on the validation split
-    (rtllm.run.members), then one MCLMC chain per member on budget / K gradients (MILE-tuned)."""
+    (rtllm.run.members), then one MCLMC chain per member on budget / K gradients (MILE-tuned).
+    `deep`: the K members themselves scored as a deep ensemble (before their chains run)."""
     training = MemberTraining(max_steps=s.member_steps, eval_every=max(1, s.member_steps // 4),
                               patience=2, batch_size=s.batch_size)
     out = {"members": [], "chains": [], "grads_members": 0, "seconds_members": 0.0}
@@ -314,6 +316,8 @@ def run_mile(p: Problem, s: LMSettings, acc: metrics.PredictiveAccumulator) -> d
             out["members"].append({k2: info[k2] for k2 in ("start_heldout_nll", "best_heldout_nll",
                                                           "best_step", "steps_run")})
             chain = Chain(p, s, "mclmc", Path(work) / f"member-{k}", s.seed + 1 + k)
+            if deep is not None:  # the member as trained, before its chain moves it
+                score(chain.model, p.test, deep)
             out["chains"].append(chain.run(s.budget // s.members, s.samples // s.members, acc))
     chains = out["chains"]
     return {"tuned": [c["tuned"] for c in chains], "members": out["members"],
@@ -341,8 +345,13 @@ def lm_benchmark(model_dir: Path, s: LMSettings, samplers=LM_SAMPLERS, log=print
             from bench_fiber_lm import run_fiber
 
             rows = [(row, r, a) for row, (r, a) in run_fiber(p, s, score).items()]
-        elif name == "mile":
-            rows = [(name, run_mile(p, s, acc), acc)]
+        elif name == "mile":  # also its members alone: a deep ensemble of the fine-tuned starts
+            deep = metrics.PredictiveAccumulator(p.test[:, 1:])
+            r = run_mile(p, s, acc, deep)
+            members = {"tuned_text": f"{s.members} AdamW members (MILE's)", "grads_tune": 0, "grads_sample": 0,
+                       "grads_members": r["grads_members"], "forwards_tune": 0, "samples": s.members,
+                       "seconds": 0.0, "seconds_members": r["seconds_members"]}
+            rows = [(name, r, acc), ("deep-ensemble", members, deep)]
         else:
             rows = [(name, Chain(p, s, name, None, s.seed).run(s.budget, s.samples, acc), acc)]
         for row, r, a in rows:
