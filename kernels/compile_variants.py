@@ -100,7 +100,5 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "update grad=bf16 compute=bf16 no-noise precond": _update("bf16", "bf16", False, precond=True),
     "update grad=bf16 fp32-split no-noise precond": _update("bf16", None, False, split=True, precond=True),
     "segments update grad=bf16 compute=bf16 no-noise precond": _segment_update("bf16", "bf16", False, precond=True),
-    "segments update grad=bf16 fp32-split no-noise precond": _segment_update("bf16", None, False, split=True,
-                                                                             precond=True),
     "segments update misaligned precond": _segment_update("fp32", None, False, mod=1, precond=True),
 }

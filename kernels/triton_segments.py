@@ -24,8 +24,10 @@ from .triton_step import BLOCK, _NUM_WARPS, _check_device, _normals_block, _stor
 __all__ = ["Segments", "build_segments", "reduce_segments", "update_segments"]
 
 # Table columns (int64): where each shard's buffers start, in elements from the role's base
-# tensor; its length; its first Philox quad (offset // 4); its drift preconditioner (0 without).
-_X, _LO, _V, _G, _C, _N, _QUAD, _P, _COLUMNS = range(9)
+# tensor; its length; its first Philox quad (offset // 4). The _LO column holds the drift
+# preconditioner's start instead when there is one (pSMILE: fp32 layout, no low plane): a ninth
+# column made sm_80 spill in the fp32-compute update with noise.
+_X, _LO, _V, _G, _C, _N, _QUAD, _COLUMNS = range(8)
 _ALIGN_BYTES = 16  # one ld/st.global.v4.b32
 
 
@@ -81,14 +83,17 @@ def _reduce_segments_kernel(
 
 @triton.jit(do_not_specialize=["delta", "seed", "step", "stream"])
 def _update_segments_kernel(
-    x_base, lo_base, v_base, g_base, c_base, table_ptr, block_seg_ptr, block_idx_ptr, coef_ptr,
+    x_base, lo_base, v_base, g_base, c_base, p_base, table_ptr, block_seg_ptr, block_idx_ptr, coef_ptr,
     delta, seed, step, stream,
     OFFSET_MOD: tl.constexpr, NOISE: tl.constexpr, HAS_COMPUTE: tl.constexpr, SPLIT: tl.constexpr,
     ALIGN_X: tl.constexpr, ALIGN_V: tl.constexpr, ALIGN_G: tl.constexpr, ALIGN_C: tl.constexpr,
-    BLOCK: tl.constexpr, COLUMNS: tl.constexpr, p_base, PRECOND: tl.constexpr, ALIGN_P: tl.constexpr,
+    BLOCK: tl.constexpr, COLUMNS: tl.constexpr, PRECOND: tl.constexpr, ALIGN_P: tl.constexpr,
 ):
     row, blk, N, quad_base = _segment(table_ptr, block_seg_ptr, block_idx_ptr, COLUMNS)
-    p_ptr = p_base + _start(row, 7, ALIGN_P)
+    if PRECOND:  # its start is in the _LO column (no split position with a preconditioner)
+        p_ptr = p_base + _start(row, 1, ALIGN_P)
+    else:
+        p_ptr = p_base
     seg = tl.load(block_seg_ptr + tl.program_id(0)).to(tl.int64)
     x_ptr = x_base + _start(row, 0, ALIGN_X)
     lo_ptr = lo_base + _start(row, 1, ALIGN_X)
@@ -157,13 +162,15 @@ def build_segments(shards: list, offsets: list[int]) -> Segments:
     vs, gs = [s.v for s in shards], [s.g for s in shards]
     cs = [s.compute for s in shards] if shards[0].compute is not None else None
     ps = [s.precond for s in shards] if getattr(shards[0], "precond", None) is not None else None
+    if ps is not None and los is not None:
+        raise ValueError("a drift preconditioner (pSMILE) needs the fp32 layout: its start takes the "
+                         "low plane's column of the segment table")
     rows, seg_of_block, idx_in_seg, blocks = [], [], [], []
     for i, (s, off) in enumerate(zip(shards, offsets)):
         n = s.v.numel()
-        rows.append([_start_of(s.x, xs[0]), _start_of(s.x_lo, los[0]) if los else 0,
-                     _start_of(s.v, vs[0]), _start_of(s.g, gs[0]),
-                     _start_of(s.compute, cs[0]) if cs else 0, n, off // 4,
-                     _start_of(s.precond, ps[0]) if ps else 0])
+        lo_or_p = _start_of(s.x_lo, los[0]) if los else _start_of(s.precond, ps[0]) if ps else 0
+        rows.append([_start_of(s.x, xs[0]), lo_or_p, _start_of(s.v, vs[0]), _start_of(s.g, gs[0]),
+                     _start_of(s.compute, cs[0]) if cs else 0, n, off // 4])
         count = triton.cdiv(n + mod, BLOCK)
         seg_of_block += [i] * count
         idx_in_seg += range(count)
@@ -206,11 +213,12 @@ def update_segments(seg: Segments, coef: torch.Tensor, *, delta: float, seed: in
     x_base = seg.x[0].view(torch.int16) if split else seg.x[0]
     _update_segments_kernel[(seg.block_seg.numel(),)](
         x_base, seg.x_lo[0] if split else x_base, seg.v[0], seg.g[0],
-        seg.compute[0] if seg.compute else x_base, seg.table, seg.block_seg, seg.block_idx, coef,
+        seg.compute[0] if seg.compute else x_base, seg.precond[0] if seg.precond else seg.v[0], seg.table,
+        seg.block_seg, seg.block_idx, coef,
         float(delta), seed, step & 0xFFFFFFFF, stream,
         OFFSET_MOD=seg.offset_mod, NOISE=bool(noise), HAS_COMPUTE=seg.compute is not None,
         SPLIT=split, ALIGN_X=seg.aligns["x"], ALIGN_V=seg.aligns["v"], ALIGN_G=seg.aligns["g"],
         ALIGN_C=seg.aligns["c"], BLOCK=BLOCK, COLUMNS=_COLUMNS,
-        p_base=seg.precond[0] if seg.precond else seg.v[0], PRECOND=seg.precond is not None,
+        PRECOND=seg.precond is not None,
         ALIGN_P=seg.aligns["p"], num_warps=_NUM_WARPS,
     )
