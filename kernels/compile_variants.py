@@ -37,10 +37,11 @@ def _reduce(grad: str, noise: bool, offset: int = 0, key: dict = KEY) -> Callabl
 
 
 def _update(grad: str, compute: str | None, noise: bool, *, split: bool = False, offset: int = 0,
-            key: dict = KEY) -> Callable[[], None]:
+            key: dict = KEY, precond: bool = False) -> Callable[[], None]:
     def launch() -> None:
         x, v, g, c, lo = _state(grad, compute, split)
-        triton_step.fused_update_(x, v, g, c, x_lo=lo, offset=offset, noise=noise, **COEF, **key)
+        p = torch.ones(N) if precond else None
+        triton_step.fused_update_(x, v, g, c, x_lo=lo, offset=offset, noise=noise, precond=p, **COEF, **key)
     return launch
 
 
@@ -51,10 +52,10 @@ def _velocity_draw() -> None:
                               seed=KEY["seed"], step=0, stream=0, offset=0, noise=True)
 
 
-def _segments(grad: str, compute: str | None, *, split: bool = False, mod: int = 0):
+def _segments(grad: str, compute: str | None, *, split: bool = False, mod: int = 0, precond: bool = False):
     """Two shards of one kind, as rtllm.state.segment_launch groups them."""
-    shards = [SimpleNamespace(**dict(zip(("x", "v", "g", "compute", "x_lo"), _state(grad, compute, split))))
-              for _ in range(2)]
+    shards = [SimpleNamespace(**dict(zip(("x", "v", "g", "compute", "x_lo"), _state(grad, compute, split))),
+                              precond=torch.ones(N) if precond else None) for _ in range(2)]
     return triton_segments.build_segments(shards, [4 + mod, 4 + N + 4 + mod])
 
 
@@ -65,10 +66,10 @@ def _segment_reduce(grad: str, noise: bool, mod: int = 0) -> Callable[[], None]:
 
 
 def _segment_update(grad: str, compute: str | None, noise: bool, *, split: bool = False,
-                    mod: int = 0) -> Callable[[], None]:
+                    mod: int = 0, precond: bool = False) -> Callable[[], None]:
     def launch() -> None:
         coef = torch.zeros((2, 3))
-        triton_segments.update_segments(_segments(grad, compute, split=split, mod=mod), coef,
+        triton_segments.update_segments(_segments(grad, compute, split=split, mod=mod, precond=precond), coef,
                                         delta=0.05, noise=noise, **KEY)
     return launch
 
@@ -95,4 +96,9 @@ VARIANTS: dict[str, Callable[[], None]] = {
     "segments update grad=bf16 fp32-split no-noise": _segment_update("bf16", None, False, split=True),
     "segments reduce misaligned": _segment_reduce("fp32", True, mod=1),
     "segments update misaligned": _segment_update("fp32", None, True, mod=1),
+    # pSMILE (rtllm.samplers.smile_precond): no noise, the drift scaled by the preconditioner
+    "update grad=bf16 compute=bf16 no-noise precond": _update("bf16", "bf16", False, precond=True),
+    "update grad=bf16 fp32-split no-noise precond": _update("bf16", None, False, split=True, precond=True),
+    "segments update grad=bf16 compute=bf16 no-noise precond": _segment_update("bf16", "bf16", False, precond=True),
+    "segments update misaligned precond": _segment_update("fp32", None, False, mod=1, precond=True),
 }

@@ -20,7 +20,7 @@ import torch
 
 from .philox import check_noise_args, philox_normals
 
-__all__ = ["reduce_sums_ref", "fused_update_ref_", "check_step_tensors", "check_coefficients",
+__all__ = ["reduce_sums_ref", "fused_update_ref_", "check_step_tensors", "check_coefficients", "check_precond",
            "SUM_NAMES", "split_fp32", "join_fp32"]
 
 SUM_NAMES = ("vv", "gg", "vg", "nn", "nv", "ng")
@@ -105,6 +105,15 @@ def check_coefficients(**coefficients: float) -> None:
             raise TypeError(f"{name} must be a Python float, got {type(c).__name__}")
 
 
+def check_precond(precond: torch.Tensor | None, v: torch.Tensor) -> None:
+    """The optional drift preconditioner: fp32, 1-D, contiguous, the length and device of v."""
+    if precond is None:
+        return
+    _check_vector("precond", precond, v.numel(), v.device)
+    if precond.dtype != torch.float32:
+        raise TypeError(f"precond must be float32, got {precond.dtype}")
+
+
 def _compute_dtype(v: torch.Tensor) -> torch.dtype:
     return torch.float64 if v.dtype == torch.float64 else torch.float32
 
@@ -152,15 +161,17 @@ def fused_update_ref_(
     offset: int = 0,
     noise: bool = True,
     x_lo: torch.Tensor | None = None,
+    precond: torch.Tensor | None = None,
 ) -> None:
     """In place: v <- alpha v + beta g + gamma n; x <- x + delta v; compute <- x (its dtype).
 
     With x_lo, (x, x_lo) is a split fp32 position (`split_fp32`): joined, updated in fp32 exactly
-    as an fp32 x would be, and split again.
+    as an fp32 x would be, and split again. With precond (fp32): x <- x + delta (v * precond).
     """
     check_step_tensors(x, v, g, compute, state_dtypes=(torch.float32, torch.float64), x_lo=x_lo)
     check_noise_args(seed, step, stream, offset)
     check_coefficients(alpha=alpha, beta=beta, gamma=gamma, delta=delta)
+    check_precond(precond, v)
     cd = _compute_dtype(v)
     for s in range(0, v.numel(), _CHUNK):
         e = min(s + _CHUNK, v.numel())
@@ -168,7 +179,8 @@ def fused_update_ref_(
         if noise:
             nc = philox_normals(seed, step, stream, offset + s, e - s, device=v.device).to(cd)
             vc = vc + gamma * nc
-        xc = (x[s:e].to(cd) if x_lo is None else join_fp32(x[s:e], x_lo[s:e])) + delta * vc
+        step_ = vc if precond is None else vc * precond[s:e].to(cd)
+        xc = (x[s:e].to(cd) if x_lo is None else join_fp32(x[s:e], x_lo[s:e])) + delta * step_
         v[s:e].copy_(vc)
         if x_lo is None:
             x[s:e].copy_(xc)

@@ -24,7 +24,9 @@ from .triton_step import BLOCK, _NUM_WARPS, _check_device, _normals_block, _stor
 __all__ = ["Segments", "build_segments", "reduce_segments", "update_segments"]
 
 # Table columns (int64): where each shard's buffers start, in elements from the role's base
-# tensor; its length; its first Philox quad (offset // 4).
+# tensor; its length; its first Philox quad (offset // 4). The _LO column holds the drift
+# preconditioner's start instead when there is one (pSMILE: fp32 layout, no low plane): a ninth
+# column made sm_80 spill in the fp32-compute update with noise.
 _X, _LO, _V, _G, _C, _N, _QUAD, _COLUMNS = range(8)
 _ALIGN_BYTES = 16  # one ld/st.global.v4.b32
 
@@ -81,13 +83,17 @@ def _reduce_segments_kernel(
 
 @triton.jit(do_not_specialize=["delta", "seed", "step", "stream"])
 def _update_segments_kernel(
-    x_base, lo_base, v_base, g_base, c_base, table_ptr, block_seg_ptr, block_idx_ptr, coef_ptr,
+    x_base, lo_base, v_base, g_base, c_base, p_base, table_ptr, block_seg_ptr, block_idx_ptr, coef_ptr,
     delta, seed, step, stream,
     OFFSET_MOD: tl.constexpr, NOISE: tl.constexpr, HAS_COMPUTE: tl.constexpr, SPLIT: tl.constexpr,
     ALIGN_X: tl.constexpr, ALIGN_V: tl.constexpr, ALIGN_G: tl.constexpr, ALIGN_C: tl.constexpr,
-    BLOCK: tl.constexpr, COLUMNS: tl.constexpr,
+    BLOCK: tl.constexpr, COLUMNS: tl.constexpr, PRECOND: tl.constexpr, ALIGN_P: tl.constexpr,
 ):
     row, blk, N, quad_base = _segment(table_ptr, block_seg_ptr, block_idx_ptr, COLUMNS)
+    if PRECOND:  # its start is in the _LO column (no split position with a preconditioner)
+        p_ptr = p_base + _start(row, 1, ALIGN_P)
+    else:
+        p_ptr = p_base
     seg = tl.load(block_seg_ptr + tl.program_id(0)).to(tl.int64)
     x_ptr = x_base + _start(row, 0, ALIGN_X)
     lo_ptr = lo_base + _start(row, 1, ALIGN_X)
@@ -105,10 +111,10 @@ def _update_segments_kernel(
     alpha, beta, gamma = tl.load(coef + 0), tl.load(coef + 1), tl.load(coef + 2)
     if _full_block(blk, N, OFFSET_MOD, BLOCK):
         _update_block(x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, idx, mask, alpha, beta, gamma, delta,
-                      noise, NOISE, HAS_COMPUTE, SPLIT, False)
+                      noise, NOISE, HAS_COMPUTE, SPLIT, False, p_ptr, PRECOND)
     else:
         _update_block(x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, idx, mask, alpha, beta, gamma, delta,
-                      noise, NOISE, HAS_COMPUTE, SPLIT, True)
+                      noise, NOISE, HAS_COMPUTE, SPLIT, True, p_ptr, PRECOND)
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,7 @@ class Segments:
     v: list[torch.Tensor]
     g: list[torch.Tensor]
     compute: list[torch.Tensor] | None
+    precond: list[torch.Tensor] | None  # pSMILE's drift preconditioner per segment
     table: torch.Tensor  # int64 [segments, _COLUMNS]
     block_seg: torch.Tensor  # int32 [programs]: segment of each program
     block_idx: torch.Tensor  # int32 [programs]: block number within that segment
@@ -154,11 +161,15 @@ def build_segments(shards: list, offsets: list[int]) -> Segments:
     los = [s.x_lo for s in shards] if shards[0].x_lo is not None else None
     vs, gs = [s.v for s in shards], [s.g for s in shards]
     cs = [s.compute for s in shards] if shards[0].compute is not None else None
+    ps = [s.precond for s in shards] if getattr(shards[0], "precond", None) is not None else None
+    if ps is not None and los is not None:
+        raise ValueError("a drift preconditioner (pSMILE) needs the fp32 layout: its start takes the "
+                         "low plane's column of the segment table")
     rows, seg_of_block, idx_in_seg, blocks = [], [], [], []
     for i, (s, off) in enumerate(zip(shards, offsets)):
         n = s.v.numel()
-        rows.append([_start_of(s.x, xs[0]), _start_of(s.x_lo, los[0]) if los else 0,
-                     _start_of(s.v, vs[0]), _start_of(s.g, gs[0]),
+        lo_or_p = _start_of(s.x_lo, los[0]) if los else _start_of(s.precond, ps[0]) if ps else 0
+        rows.append([_start_of(s.x, xs[0]), lo_or_p, _start_of(s.v, vs[0]), _start_of(s.g, gs[0]),
                      _start_of(s.compute, cs[0]) if cs else 0, n, off // 4])
         count = triton.cdiv(n + mod, BLOCK)
         seg_of_block += [i] * count
@@ -167,11 +178,11 @@ def build_segments(shards: list, offsets: list[int]) -> Segments:
     device = vs[0].device
     as_tensor = lambda data, dtype: torch.tensor(data, dtype=dtype).to(device)  # noqa: E731
     return Segments(
-        x=xs, x_lo=los, v=vs, g=gs, compute=cs, table=as_tensor(rows, torch.int64),
+        x=xs, x_lo=los, v=vs, g=gs, compute=cs, precond=ps, table=as_tensor(rows, torch.int64),
         block_seg=as_tensor(seg_of_block, torch.int32), block_idx=as_tensor(idx_in_seg, torch.int32),
         blocks=as_tensor(blocks, torch.int64), offset_mod=mod,
         aligns=dict(x=_align(xs + (los or []), mod), v=_align(vs, mod), g=_align(gs, mod),
-                    c=_align(cs, mod) if cs else 1),
+                    c=_align(cs, mod) if cs else 1, p=_align(ps, mod) if ps else 1),
     )
 
 
@@ -192,7 +203,8 @@ def reduce_segments(seg: Segments, *, seed: int, step: int, stream: int, noise: 
 
 def update_segments(seg: Segments, coef: torch.Tensor, *, delta: float, seed: int, step: int,
                     stream: int, noise: bool) -> None:
-    """In place for every segment i: v <- alpha_i v + beta_i g + gamma_i n; x <- x + delta v.
+    """In place for every segment i: v <- alpha_i v + beta_i g + gamma_i n; x <- x + delta v
+    (x <- x + delta (v * p) with the segments' preconditioner p).
 
     coef: float32 [segments, 3] (alpha, beta, gamma) on the shards' device.
     """
@@ -201,9 +213,12 @@ def update_segments(seg: Segments, coef: torch.Tensor, *, delta: float, seed: in
     x_base = seg.x[0].view(torch.int16) if split else seg.x[0]
     _update_segments_kernel[(seg.block_seg.numel(),)](
         x_base, seg.x_lo[0] if split else x_base, seg.v[0], seg.g[0],
-        seg.compute[0] if seg.compute else x_base, seg.table, seg.block_seg, seg.block_idx, coef,
+        seg.compute[0] if seg.compute else x_base, seg.precond[0] if seg.precond else seg.v[0], seg.table,
+        seg.block_seg, seg.block_idx, coef,
         float(delta), seed, step & 0xFFFFFFFF, stream,
         OFFSET_MOD=seg.offset_mod, NOISE=bool(noise), HAS_COMPUTE=seg.compute is not None,
         SPLIT=split, ALIGN_X=seg.aligns["x"], ALIGN_V=seg.aligns["v"], ALIGN_G=seg.aligns["g"],
-        ALIGN_C=seg.aligns["c"], BLOCK=BLOCK, COLUMNS=_COLUMNS, num_warps=_NUM_WARPS,
+        ALIGN_C=seg.aligns["c"], BLOCK=BLOCK, COLUMNS=_COLUMNS,
+        PRECOND=seg.precond is not None,
+        ALIGN_P=seg.aligns["p"], num_warps=_NUM_WARPS,
     )

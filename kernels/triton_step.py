@@ -23,7 +23,7 @@ import triton.language as tl
 
 from . import launch_mode
 from .philox import check_noise_args
-from .reference import check_coefficients, check_step_tensors
+from .reference import check_coefficients, check_precond, check_step_tensors
 
 __all__ = ["BLOCK", "reduce_sums", "fused_update_"]
 
@@ -146,9 +146,10 @@ def _st(ptrs, value, mask, MASKED: tl.constexpr):
 @triton.jit
 def _update_block(x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, idx, mask, alpha, beta, gamma, delta, noise,
                   NOISE: tl.constexpr, HAS_COMPUTE: tl.constexpr, SPLIT: tl.constexpr,
-                  MASKED: tl.constexpr):
+                  MASKED: tl.constexpr, p_ptr, PRECOND: tl.constexpr):
     """The update of one block given its noise; MASKED False: every element is in the shard
-    (no mask, so aligned blocks get vector accesses). Shared with triton_segments."""
+    (no mask, so aligned blocks get vector accesses). PRECOND: the drift is scaled per element
+    by the fp32 buffer at p_ptr (pSMILE's diagonal preconditioner). Shared with triton_segments."""
     if SPLIT:  # x_ptr: the high plane read as int16; the fp32 bits are hi * 2^16 + lo
         hi = _ld(x_ptr + idx, mask, 0, MASKED).to(tl.int32)
         lo = _ld(lo_ptr + idx, mask, 0, MASKED).to(tl.int32)
@@ -160,7 +161,10 @@ def _update_block(x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, idx, mask, alpha, beta, ga
     v = alpha * v + beta * g
     if NOISE:
         v += gamma * noise
-    x += delta * v
+    if PRECOND:
+        x += delta * (v * _ld(p_ptr + idx, mask, 0.0, MASKED))
+    else:
+        x += delta * v
     _st(v_ptr + idx, v, mask, MASKED)
     if SPLIT:  # as reference.split_fp32: high half rounded half away from zero, signed remainder
         bits = x.to(tl.int32, bitcast=True)
@@ -177,7 +181,7 @@ def _update_block(x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, idx, mask, alpha, beta, ga
 def _fused_update_kernel(
     x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, N, alpha, beta, gamma, delta, seed, step, stream, quad_base,
     OFFSET_MOD: tl.constexpr, NOISE: tl.constexpr, HAS_COMPUTE: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, p_ptr, PRECOND: tl.constexpr,
 ):
     idx, mask, quad0 = _block_index(quad_base, N, OFFSET_MOD, BLOCK)
     if NOISE:
@@ -185,7 +189,7 @@ def _fused_update_kernel(
     else:
         noise = tl.zeros([BLOCK], dtype=tl.float32)
     _update_block(x_ptr, lo_ptr, v_ptr, g_ptr, c_ptr, idx, mask, alpha, beta, gamma, delta, noise,
-                  NOISE, HAS_COMPUTE, SPLIT, True)
+                  NOISE, HAS_COMPUTE, SPLIT, True, p_ptr, PRECOND)
 
 
 def _interpreting() -> bool:
@@ -249,11 +253,13 @@ def fused_update_(
     offset: int = 0,
     noise: bool = True,
     x_lo: torch.Tensor | None = None,
+    precond: torch.Tensor | None = None,
 ) -> None:
     """In place: v <- alpha v + beta g + gamma n; x <- x + delta v; compute <- x in its dtype.
 
     Arithmetic in fp32 (coefficients rounded to fp32); the compute copy is rounded from fp32 x.
     With x_lo, (x, x_lo) is a split fp32 position (bf16 high plane, int16 low plane).
+    With precond (fp32, the length of v): x <- x + delta (v * precond) instead.
     """
     check_step_tensors(
         x, v, g, compute, state_dtypes=(torch.float32,),
@@ -261,6 +267,7 @@ def fused_update_(
     )
     check_noise_args(seed, step, stream, offset)
     check_coefficients(alpha=alpha, beta=beta, gamma=gamma, delta=delta)
+    check_precond(precond, v)
     _check_device(v)
     n = v.numel()
     if n == 0:
@@ -272,5 +279,5 @@ def fused_update_(
         float(alpha), float(beta), float(gamma), float(delta),
         seed, step & 0xFFFFFFFF, stream, offset // 4, OFFSET_MOD=offset % 4,
         NOISE=bool(noise), HAS_COMPUTE=compute is not None, SPLIT=split, BLOCK=BLOCK,
-        num_warps=_NUM_WARPS,
+        p_ptr=v if precond is None else precond, PRECOND=precond is not None, num_warps=_NUM_WARPS,
     )

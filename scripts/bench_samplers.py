@@ -162,18 +162,18 @@ def lm(args) -> dict:
                       members=args.lm_members, member_steps=args.lm_member_steps, seed=args.seed)
     res = LM.lm_benchmark(args.model, s, samplers=args.lm_samplers, log=log)
     print(f"\n### Tiny GPT-2: ensembles of {s.samples} from the same start, {s.budget} gradients each\n")
-    print("| sampler | tuned | grads (tune + sample) | + other | NLL (BMA) | BMA - start ± SE | mean single NLL "
-          "| ECE | mean epistemic | wall s |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| sampler | tuned | grads (tune + sample) | + other | grads/sample | NLL (BMA) | BMA - start ± SE "
+          "| mean single NLL | ECE | mean epistemic (in / OOD) | OOD AUROC (epistemic) | wall s |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     st = res["start"]
-    print(f"| start checkpoint | - | - | - | {st['nll_bma']:.4f} | - | {st['nll_single_mean']:.4f} | {st['ece']:.4f} | "
-          f"{st['mean_epistemic']:.2e} | - |")
+    print(f"| start checkpoint | - | - | - | - | {st['nll_bma']:.4f} | - | {st['nll_single_mean']:.4f} | {st['ece']:.4f} | "
+          f"{st['mean_epistemic']:.2e} | - | - |")
     for name in [k for k in res if k != "start"]:
         r = res[name]
         t = r.get("tuned", [{}]) if isinstance(r.get("tuned"), list) else [r.get("tuned", {})]
         if "tuned_text" in r:
             tuned = r["tuned_text"]
-        elif name == "smile":
+        elif name in ("smile", "psmile"):
             tuned = (f"eps {t[0]['step_size']:.3g} -> {r['final_step_size']:.3g} (controller), "
                      f"{r['rejections']} rejected")
         else:
@@ -182,9 +182,12 @@ def lm(args) -> dict:
                      f"eps {_range([x['step_size'] for x in t], '.3g')}, L {_range([x['L'] for x in t], '.3g')}")
         other = f"{r['forwards_tune']} fwd" + (f", {r['grads_members']} AdamW" if "grads_members" in r else "")
         wall = f"{r['seconds']:.0f}" + (f" + {r['seconds_members']:.0f}" if "seconds_members" in r else "")
-        print(f"| {name} | {tuned} | {r['grads_tune']} + {r['grads_sample']} | {other} | {r['nll_bma']:.4f} | "
+        auroc = f"{r['auroc_ood_epistemic']:.3f}" if "auroc_ood_epistemic" in r else "-"
+        print(f"| {name} | {tuned} | {r['grads_tune']} + {r['grads_sample']} | {other} | "
+              f"{r['grads_per_sample']:.0f} | {r['nll_bma']:.4f} | "
               f"{r['nll_minus_start']:+.4f} ± {r['nll_minus_start_se']:.4f} | {r['nll_single_mean']:.4f} | "
-              f"{r['ece']:.4f} | {r['mean_epistemic']:.2e} | {wall} |", flush=True)
+              f"{r['ece']:.4f} | {r['mean_epistemic']:.2e} / {r.get('mean_epistemic_ood', float('nan')):.2e} | "
+              f"{auroc} | {wall} |", flush=True)
     return {"settings": s.__dict__, "results": res}
 
 

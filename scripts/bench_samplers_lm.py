@@ -20,7 +20,7 @@ import rtllm
 from rtllm.evaluation import metrics
 from rtllm.run import dt_auto as tune
 from rtllm.run.checkpoint import map_tensors
-from rtllm.lm.corpus import heldout_files, train_files
+from rtllm.lm.corpus import heldout_files, python_source_files, train_files
 from rtllm.lm.data import MinibatchOrder, TokenData, context_length, pack, read_texts, tokenize_texts
 from rtllm.lm.loss import lm_loss
 from rtllm.run.members import MemberTraining, train_member
@@ -31,7 +31,9 @@ LOSS_TOLERANCE = 0.05  # S = D / (2 * 0.05) for every sampler: `rtllm sample`'s 
 TUNE_SHARE = 0.2
 # "mclmc-search": MCLMC with its step size from the same stability search as RT, HMC and SGLD
 # instead of MILE's energy-variance tuner (which minibatch noise misleads, see the docs).
-LM_SAMPLERS = ("ray", "hmc", "sgld", "mclmc", "mclmc-search", "mile", "smile", "fiber")
+LM_SAMPLERS = ("ray", "hmc", "sgld", "mclmc", "mclmc-search", "mile", "smile", "psmile", "fiber")
+SMILES = ("smile", "psmile")  # psmile: SMILE(precondition=True)
+OOD_BYTES = 100_000  # of standard-library Python source, as `rtllm demo` uses
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,10 @@ class Problem:
     model_dir: Path
     model: torch.nn.Module  # the start, never stepped
     data: TokenData  # train = 95% of the training plays, heldout = the last 5% (validation)
-    test: torch.Tensor  # [windows, seq_len + 1] of The Tempest, never trained or validated on
+    # [windows, seq_len + 1]: the first n_in of The Tempest (never trained or validated on), then
+    # as many of Python source (out of distribution: AUROC of telling them apart by epistemic MI)
+    test: torch.Tensor
+    n_in: int
 
 
 def load_problem(model_dir: Path, s: LMSettings) -> Problem:
@@ -82,7 +87,10 @@ def load_problem(model_dir: Path, s: LMSettings) -> Problem:
     stream, _ = tokenize_texts(read_texts(heldout_files()), tokenizer)
     windows = pack(stream, s.seq_len, what="The Tempest")
     pick = torch.linspace(0, len(windows) - 1, min(s.eval_windows, len(windows))).round().long()
-    return Problem(Path(model_dir), model, data, windows[pick])
+    ood_stream, _ = tokenize_texts(read_texts(python_source_files(OOD_BYTES)), tokenizer)
+    ood = pack(ood_stream, s.seq_len, what="Python source")
+    ood_pick = torch.linspace(0, len(ood) - 1, min(len(pick), len(ood))).round().long()
+    return Problem(Path(model_dir), model, data, torch.cat([windows[pick], ood[ood_pick]]), len(pick))
 
 
 class Chain:
@@ -103,12 +111,13 @@ class Chain:
             self.sampler = rtllm.HMC(params, dt=1.0, **common)
         elif name == "sgld":
             self.sampler = rtllm.SGLD(params, dt=1.0, **common)
-        elif name == "smile":
-            self.sampler = rtllm.SMILE(params, step_size=MCLMC_START_STEP, ray="model", **common)
+        elif name in SMILES:
+            self.sampler = rtllm.SMILE(params, step_size=MCLMC_START_STEP, ray="model",
+                                       precondition=name == "psmile", **common)
         else:
             self.sampler = rtllm.MCLMC(params, step_size=MCLMC_START_STEP, L=max(math.sqrt(self.dim), 15.0),
                                        ray="model", **common)
-        self.mclmc = name.startswith("mclmc") or name == "smile"  # full steps of two gradients
+        self.mclmc = name.startswith("mclmc") or name in SMILES  # full steps of two gradients
         self._step_batch = -1  # SMILE: the minibatch of the full step in progress
         self.order = MinibatchOrder(len(p.data.train), s.batch_size, s.seed)  # the same for all
         self.grads = self.forwards = 0
@@ -140,12 +149,12 @@ class Chain:
 
     def next_cursor(self) -> int:
         """The next gradient's minibatch; SMILE's full step keeps one for both of its gradients."""
-        if self.name == "smile" and self.sampler.phase in ("mid", "mid_close"):
+        if self.name in SMILES and self.sampler.phase in ("mid", "mid_close"):
             return self._step_batch
         return self.grads
 
     def step(self, loss: torch.Tensor) -> None:
-        if self.name == "smile":  # a step's two ends scored on its minibatch: one forward more
+        if self.name in SMILES:  # a step's two ends scored on its minibatch: one forward more
             start = self.sampler.phase == "start"
             end = self.mean_loss([self._step_batch]) if start and self._step_batch >= 0 else None
             if start:
@@ -199,7 +208,7 @@ class Chain:
 
     def tune(self, budget: int) -> dict:
         """Tune on at most `budget` gradients; returns what was chosen."""
-        if self.name == "smile":  # its controller adapts eps while it samples: no tuning budget
+        if self.name in SMILES:  # its controller adapts eps while it samples: no tuning budget
             return {"step_size": self.sampler.step_size, "L": math.inf}
         if self.name != "mclmc":
             return self.search_dt(budget)  # MCLMC with a fixed L = max(sqrt(D), 15) for "mclmc-search"
@@ -256,7 +265,7 @@ class Chain:
                 "forwards_tune": tune_forwards, "samples": len(take), "samples_off_grid": off_grid,
                 "train_loss_first_last": [losses[0], sum(losses[-10:]) / len(losses[-10:])],
                 **({"final_step_size": self.sampler.step_size, "rejections": self.sampler.rejections}
-                   if self.name == "smile" else {}),
+                   if self.name in SMILES else {}),
                 "skipped_or_diverged": int(getattr(self.sampler, "divergences", 0)
                                            + getattr(self.sampler, "skipped_steps", 0)),
                 "seconds": time.perf_counter() - t0 - eval_s}
@@ -269,19 +278,30 @@ def score(model: torch.nn.Module, windows: torch.Tensor, acc: metrics.Predictive
     acc.add(logits.reshape(-1, logits.shape[-1]))
 
 
-def summary(acc: metrics.PredictiveAccumulator, windows: int) -> dict:
-    """Mean per-token scores of an ensemble over the test windows (nats)."""
-    f = acc.finalize()
-    return {"nll_bma": float(f["nll_bma"].mean()),
-            "window_nll": f["nll_bma"].reshape(windows, -1).mean(1).tolist(),
-            "nll_single_mean": float(f["nll_samples_mean"].mean()),
-            "ece": metrics.ece(f["confidence"].numpy(), f["correct"].numpy()),
-            "mean_epistemic": float(f["epistemic"].mean()), "accuracy": float(f["correct"].double().mean())}
+def summary(acc: metrics.PredictiveAccumulator, windows: int, tokens: int) -> dict:
+    """Mean per-token scores of an ensemble over the first `windows` test windows of `tokens`
+    tokens (nats); the windows after them are OOD: AUROC of telling OOD from in-distribution
+    windows by their mean epistemic uncertainty (mutual information), as `rtllm evaluate`."""
+    full = acc.finalize()
+    cut = windows * tokens
+    f = {k: v[:cut] for k, v in full.items()}
+    epi = full["epistemic"].reshape(-1, tokens).mean(1).numpy()
+    out = {"nll_bma": float(f["nll_bma"].mean()),
+           "window_nll": f["nll_bma"].reshape(windows, -1).mean(1).tolist(),
+           "nll_single_mean": float(f["nll_samples_mean"].mean()),
+           "ece": metrics.ece(f["confidence"].numpy(), f["correct"].numpy()),
+           "mean_epistemic": float(f["epistemic"].mean()), "accuracy": float(f["correct"].double().mean())}
+    if len(epi) > windows:
+        out["mean_epistemic_ood"] = float(full["epistemic"][cut:].mean())
+        out["auroc_ood_epistemic"] = metrics.auroc(epi[:windows], epi[windows:])
+    return out
 
 
-def run_mile(p: Problem, s: LMSettings, acc: metrics.PredictiveAccumulator) -> dict:
+def run_mile(p: Problem, s: LMSettings, acc: metrics.PredictiveAccumulator,
+             deep: metrics.PredictiveAccumulator | None = None) -> dict:
     """MILE: K members fine-tuned by AdamW with early stopping on the validation split
-    (rtllm.run.members), then one MCLMC chain per member on budget / K gradients (MILE-tuned)."""
+    (rtllm.run.members), then one MCLMC chain per member on budget / K gradients (MILE-tuned).
+    `deep`: the K members themselves scored as a deep ensemble (before their chains run)."""
     training = MemberTraining(max_steps=s.member_steps, eval_every=max(1, s.member_steps // 4),
                               patience=2, batch_size=s.batch_size)
     out = {"members": [], "chains": [], "grads_members": 0, "seconds_members": 0.0}
@@ -296,6 +316,8 @@ def run_mile(p: Problem, s: LMSettings, acc: metrics.PredictiveAccumulator) -> d
             out["members"].append({k2: info[k2] for k2 in ("start_heldout_nll", "best_heldout_nll",
                                                           "best_step", "steps_run")})
             chain = Chain(p, s, "mclmc", Path(work) / f"member-{k}", s.seed + 1 + k)
+            if deep is not None:  # the member as trained, before its chain moves it
+                score(chain.model, p.test, deep)
             out["chains"].append(chain.run(s.budget // s.members, s.samples // s.members, acc))
     chains = out["chains"]
     return {"tuned": [c["tuned"] for c in chains], "members": out["members"],
@@ -312,7 +334,7 @@ def lm_benchmark(model_dir: Path, s: LMSettings, samplers=LM_SAMPLERS, log=print
     p = load_problem(model_dir, s)
     start = metrics.PredictiveAccumulator(p.test[:, 1:])
     score(p.model, p.test, start)
-    results = {"start": {**summary(start, len(p.test)), "samples": 1}}
+    results = {"start": {**summary(start, p.n_in, p.test.shape[1] - 1), "samples": 1}}
     base = torch.tensor(results["start"]["window_nll"], dtype=torch.float64)
     log(f"LM: {sum(q.numel() for q in p.model.parameters())} parameters, {len(p.data.train)} training "
         f"sequences of {s.seq_len}, {p.test[:, 1:].numel()} test tokens; start NLL "
@@ -323,12 +345,19 @@ def lm_benchmark(model_dir: Path, s: LMSettings, samplers=LM_SAMPLERS, log=print
             from bench_fiber_lm import run_fiber
 
             rows = [(row, r, a) for row, (r, a) in run_fiber(p, s, score).items()]
-        elif name == "mile":
-            rows = [(name, run_mile(p, s, acc), acc)]
+        elif name == "mile":  # also its members alone: a deep ensemble of the fine-tuned starts
+            deep = metrics.PredictiveAccumulator(p.test[:, 1:])
+            r = run_mile(p, s, acc, deep)
+            members = {"tuned_text": f"{s.members} AdamW members (MILE's)", "grads_tune": 0, "grads_sample": 0,
+                       "grads_members": r["grads_members"], "forwards_tune": 0, "samples": s.members,
+                       "seconds": 0.0, "seconds_members": r["seconds_members"]}
+            rows = [(name, r, acc), ("deep-ensemble", members, deep)]
         else:
             rows = [(name, Chain(p, s, name, None, s.seed).run(s.budget, s.samples, acc), acc)]
         for row, r, a in rows:
-            results[row] = {**r, **summary(a, len(p.test))}
+            results[row] = {**r, **summary(a, p.n_in, p.test.shape[1] - 1)}
+            results[row]["grads_per_sample"] = (r["grads_tune"] + r["grads_sample"] + r.get("grads_members", 0)) \
+                / max(r["samples"], 1)
             # Paired with the start on the same windows; windows, not tokens, as the independent units.
             diff = torch.tensor(results[row]["window_nll"], dtype=torch.float64) - base
             results[row]["nll_minus_start"] = float(diff.mean())

@@ -33,6 +33,8 @@ def add_fiber_args(p: argparse.ArgumentParser) -> None:
       "on its coordinates (%(default)s)")
     a("--device", default="auto", help="cpu, cuda, cuda:N or auto (%(default)s)")
     a("--overwrite", action="store_true", help="replace an earlier rtllm run in --out")
+    a("--resume", action="store_true", help="continue the run in --out: particles already done are "
+      "kept, the others walked again (the output equals an uninterrupted run's)")
 
 
 def cmd_fiber(args: argparse.Namespace) -> int:
@@ -45,5 +47,7 @@ def cmd_fiber(args: argparse.Namespace) -> int:
                       max_pullback=args.max_pullback, map=args.map, rank=args.rank, generated=args.generated,
                       batch_size=args.batch_size, seq_len=args.seq_len, eval_sequences=args.eval_sequences,
                       seed=args.seed, device=args.device)
-    fiber(cfg, overwrite=args.overwrite)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass one")
+    fiber(cfg, overwrite=args.overwrite, resume=args.resume)
     return 0

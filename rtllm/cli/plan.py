@@ -41,6 +41,10 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
       "K-th transformer block recomputed in the backward pass, as `rtllm sample "
       "--activation-checkpoint-every` (%(default)s)")
     a("--sample-dtype", choices=["compute", "fp32"], default="compute", help="as rtllm sample (%(default)s)")
+    a("--sampler", choices=["ray", "mclmc", "smile"], default="ray", help="as rtllm sample: SMILE keeps "
+      "a copy of x for its rejections (4 bytes/parameter) (%(default)s)")
+    a("--precondition", action="store_true", help="with --sampler smile: pSMILE's preconditioner "
+      "(12 bytes/parameter)")
     a("--world-size", type=int, default=1, help="plan one chain sharded over W ranks (rtllm sample "
       "--shard-state under torchrun): bytes per rank (%(default)s)")
 
@@ -65,6 +69,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   gpu_mem_bytes=args.gpu_mem, checkpoint_every=args.activation_checkpoint_every,
                   dt_auto=args.dt == "auto", sample_dtype=args.sample_dtype,
                   undo_backup={"auto": "auto", "yes": True, "no": False}[args.undo])
+    if args.sampler != "ray" or args.precondition:
+        if args.world_size != 1:
+            raise ValueError("--sampler and --precondition are planned for one process; drop --world-size")
+        if args.layout != "fp32":
+            raise ValueError(f"--sampler {args.sampler} runs --layout fp32 only")
+        kwargs.update(sampler=args.sampler, precondition=args.precondition)
     if args.world_size != 1:
         from rtllm.plan.sharded import format_sharded_plan, plan_sharded
 

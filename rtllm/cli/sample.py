@@ -84,6 +84,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     a("--sampler", choices=["ray", "mclmc", "smile"], default=d["sampler"].default, help="ray tracing, "
       "microcanonical Langevin as inside MILE (then --dt is its step size per full step of two "
       "gradients), or SMILE, MCLMC for minibatches (--dt its initial step size) (%(default)s)")
+    a("--precondition", action="store_true", help="with --sampler smile: pSMILE, a diagonal "
+      "preconditioner from an EMA of the gradient's mean and variance (12 more bytes/parameter)")
     a("--L", type=_dt, default="auto", help="MCLMC decoherence length, or 'auto': tuned in the burn-in "
       "(%(default)s)")
     a("--tune-phases", type=int, nargs=3, metavar=("I", "II", "III"), help="MCLMC tuning phases in full "
@@ -130,7 +132,8 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
         layout=args.layout, seed=args.seed, device=args.device,
         deterministic=args.deterministic, sampler=args.sampler, L=args.L,
         tune_phases=tuple(args.tune_phases) if args.tune_phases else None, init=args.init,
-        encoding=args.encoding, mclmc_target=args.mclmc_target, shard_state=args.shard_state)
+        encoding=args.encoding, mclmc_target=args.mclmc_target, shard_state=args.shard_state,
+        precondition=args.precondition)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -45,9 +45,12 @@ WORKSPACES, MARGIN, CONTEXT = "CUDA library workspaces", "allocator margin", "CU
 SAMPLE_BUFFERS, CKPT_STAGING = "sample buffers", "checkpoint / dt-trial staging (one slice)"
 SEGMENT_TABLES = "segment tables (Triton launches)"
 JOINED = "joined fp32 position (fp32-split state)"
+# SMILE (rtllm.samplers.smile): x at the start of the full step in progress, for its rejections;
+# pSMILE adds its preconditioner (rtllm.samplers.smile_precond): EMA mean, EMA variance and p.
+SMILE_START, PRECOND = "SMILE step-start copy of x", "pSMILE preconditioner (mean, var, p)"
 CHECKPOINT_SLICE_BYTES = _CHUNK  # the most of the state a checkpoint write holds on the host
 HOST_BOUND = 16 * 2**30  # the host memory of a common PC: what a run should stay within
-ROWS = (WEIGHTS, POSITION, VELOCITY, GRADIENTS, PRIOR, UNDO, NOISE, SEGMENT_TABLES,
+ROWS = (WEIGHTS, POSITION, VELOCITY, GRADIENTS, PRIOR, UNDO, SMILE_START, PRECOND, NOISE, SEGMENT_TABLES,
         WORKSPACES, SAMPLE_BUFFERS, LOADED, GRAD_ACC, *PARTS, PARTIALS, PRIOR_TMP, CKPT_STAGING, JOINED)
 # Phases of a run.
 BUILD, FWD_BWD, ACCUMULATE, STEP, CHECKPOINT = (
@@ -170,7 +173,8 @@ def plan_memory(config, *, batch: int, seq: int, layout: str = DEFAULT_LAYOUT, d
                 sampled_params: str | None = None, checkpointing: bool = True,
                 gpu_mem_bytes: int | None = None, ray_per: str = "model", checkpoint_every: int = 1,
                 dt_auto: bool = False, undo_backup: bool | str = False, from_meta: bool = False,
-                sample_dtype: str = "compute", chunk_tokens: int | None = None) -> MemoryPlan:
+                sample_dtype: str = "compute", chunk_tokens: int | None = None, sampler: str = "ray",
+                precondition: bool = False) -> MemoryPlan:
     """Plan the device memory of a sampling run of `config` (a transformers config or a
     ModelShape) at `batch` sequences of `seq` tokens per step.
 
@@ -181,8 +185,15 @@ def plan_memory(config, *, batch: int, seq: int, layout: str = DEFAULT_LAYOUT, d
     defaults add dt_auto=True (a host copy of x and v during the dt trials) and
     undo_backup='auto' (a copy of x and v when free memory exceeds twice its size).
     from_meta: the model was built on the meta device and materialized into the buffers (no
-    loaded copy at build time).
+    loaded copy at build time). sampler: 'ray', 'mclmc' or 'smile' (SMILE keeps a fp32 copy of
+    x, 4 bytes/parameter); precondition: pSMILE's preconditioner (12 bytes/parameter).
     """
+    if sampler not in ("ray", "mclmc", "smile"):
+        raise ValueError(f"sampler must be 'ray', 'mclmc' or 'smile', got {sampler!r}")
+    if precondition and sampler != "smile":
+        raise ValueError("precondition is pSMILE's: it needs sampler='smile'")
+    if sampler != "ray" and layout != "fp32":
+        raise ValueError(f"sampler {sampler!r} runs layout 'fp32' only, got {layout!r}")
     _check_int("batch", batch)
     _check_int("seq", seq)
     micro = batch if micro_batch is None else _check_int("micro_batch", micro_batch)
@@ -223,6 +234,9 @@ def plan_memory(config, *, batch: int, seq: int, layout: str = DEFAULT_LAYOUT, d
     # copy, the fp32 position on an fp32 model, or fp32-split's bf16 high plane.
     prior = a * D if prior_center == "start" else 0
     backup = (per["position"] + per["velocity"]) * D
+    # allocated by the sampler's constructor, with its flat buffers
+    smile = {SMILE_START: 4 * D if sampler == "smile" else 0, PRECOND: 12 * D if precondition else 0}
+    core.update(smile)
     if undo_backup == "auto":  # SamplingRun._backup_fits, with the memory the state leaves free
         used = sum(core.values()) + prior + (CUDA_CONTEXT_BYTES if cuda else 0)
         undo_backup = gpu_mem_bytes is not None and gpu_mem_bytes - used > (2 if cuda else 4) * backup
@@ -231,7 +245,8 @@ def plan_memory(config, *, batch: int, seq: int, layout: str = DEFAULT_LAYOUT, d
     # and reads it back as views of the mapped file; the dt-auto trials park the state so too).
     # On CPU that is the same memory, so there they join the plan.
     host = {SAMPLE_BUFFERS: _sample_buffer_bytes(shape, a, sample_dtype, cuda),
-            CKPT_STAGING: min(CHECKPOINT_SLICE_BYTES, backup + prior + (backup if undo_backup else 0))}
+            CKPT_STAGING: min(CHECKPOINT_SLICE_BYTES, backup + prior + (backup if undo_backup else 0)
+                              + sum(smile.values()))}
     # Held from just after the construction to the end of the run.
     persistent = {**core, PRIOR: prior, UNDO: backup if undo_backup else 0,
                   NOISE: 0 if cuda else _noise_cache_bytes(shape.shards),
@@ -292,8 +307,10 @@ def plan_all_layouts(config, **kwargs) -> list[MemoryPlan]:
     asked = kwargs.get("compute_dtype")
     asked = None if asked is None else str(_compute_dtype(asked, True)).removeprefix("torch.")
     # A layout tied to another compute dtype than the one asked for cannot run it: not planned.
+    # MCLMC and SMILE run the fp32 layout only (their drift undo and step-start copy are fp32 x).
+    fp32_only = kwargs.get("sampler", "ray") != "ray"
     return [plan_memory(config, layout=name, **kwargs) for name, lay in LAYOUTS.items()
-            if asked is None or lay.compute_dtype in (None, asked)]
+            if (asked is None or lay.compute_dtype in (None, asked)) and not (fp32_only and name != "fp32")]
 
 
 def kernel_partials_bytes(shards, backend: str, *, cuda: bool = False) -> int:

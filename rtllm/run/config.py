@@ -70,6 +70,8 @@ class SampleConfig:
     # MCLMC tuner's Var[dE]/D schedule (rtllm.samplers.mclmc_tune): "unbiased", or MILE's "mile"
     # (biased on the Gaussian/Rosenbrock battery; `rtllm mile` keeps it, as the paper does).
     mclmc_target: str = "unbiased"
+    # pSMILE: SMILE with the authors' diagonal preconditioner (rtllm.samplers.smile_precond)
+    precondition: bool = False
     init: str | None = None  # weights to start from (same architecture as `model`), e.g. a MILE member
     encoding: str | None = None  # of the text files; None: UTF-8, strictly (rtllm.lm.data)
     # One chain over the ranks of a torchrun launch: FSDP2-sharded model and sampler state, exact
@@ -148,6 +150,8 @@ class SampleConfig:
             self._check_shard_state()
         if self.sampler not in ("ray", "mclmc", "smile"):
             raise ValueError(f"--sampler must be ray, mclmc or smile, got {self.sampler!r}")
+        if self.precondition and (self.sampler != "smile" or self.shard_state):
+            raise ValueError("--precondition is pSMILE's: it needs --sampler smile, without --shard-state")
         if self.sampler in ("mclmc", "smile"):
             if self.layout != "fp32":
                 raise ValueError(f"--layout {self.layout} works with --sampler ray; {self.sampler.upper()} "

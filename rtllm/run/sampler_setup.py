@@ -32,7 +32,8 @@ def build_sampler(cfg: SampleConfig, sampled: list, scale: float, seed: int, *, 
                   prior_scale=cfg.prior_scale, prior_center=cfg.prior_center, layout=cfg.layout,
                   **({} if sharded is None else {"sharded": sharded}))
     if cfg.sampler == "smile":  # no tuning: its controller adapts the step size as it samples
-        return SMILE(groups, step_size=MCLMC_START_STEP if cfg.dt == "auto" else float(cfg.dt), **common)
+        return SMILE(groups, step_size=MCLMC_START_STEP if cfg.dt == "auto" else float(cfg.dt),
+                     precondition=cfg.precondition, **common)
     if cfg.sampler == "mclmc":
         dim = sum(p.numel() for _, p in sampled)
         return MCLMC(groups, step_size=MCLMC_START_STEP if cfg.dt == "auto" else float(cfg.dt),

@@ -168,10 +168,11 @@ class TorchBackend:
         v.mul_(alpha).add_(shard.g[sl], alpha=beta)
         if nz is not None:
             v.add_(nz, alpha=gamma)
+        step = v if shard.precond is None else v * shard.precond[sl]  # pSMILE: drift by v * p
         if delta != 0.0 and shard.x_lo is not None:  # fp32-split: the same fp32 add, re-split
-            _split_add_(shard.x[sl], shard.x_lo[sl], v, delta)
+            _split_add_(shard.x[sl], shard.x_lo[sl], step, delta)
         elif delta != 0.0:
-            shard.x[sl].add_(v, alpha=delta)
+            shard.x[sl].add_(step, alpha=delta)
             if shard.compute is not None:
                 shard.compute[sl].copy_(shard.x[sl])
 
@@ -235,7 +236,7 @@ class _PhiloxBackend:
         with on_device(shard.v):
             self._update(shard.x, shard.v, shard.g, shard.compute, x_lo=shard.x_lo, alpha=alpha,
                          beta=beta, gamma=gamma, delta=delta, seed=seed, step=step, stream=stream,
-                         offset=shard.offset, noise=noise and gamma != 0.0)
+                         offset=shard.offset, noise=noise and gamma != 0.0, precond=shard.precond)
 
     def reduce_shards(self, shards: list[Shard], **key) -> Tensor:
         return TorchBackend.reduce_shards(self, shards, **key)

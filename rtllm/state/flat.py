@@ -46,6 +46,9 @@ class Shard:
     total_numel: int  # size of that whole vector
     # fp32-split layout: the int16 low plane of the position, x its bf16 high plane; else None.
     x_lo: Tensor | None = None
+    # pSMILE's diagonal preconditioner (fp32, set by rtllm.samplers.smile_precond): the update
+    # pass drifts x by delta * (v * precond) instead of delta * v. None: no preconditioner.
+    precond: Tensor | None = None
 
     @property
     def numel(self) -> int:

@@ -21,14 +21,15 @@ _MAX_TABLES = 8  # distinct shard lists whose tables are kept (a sampler uses on
 
 def _kind(shard: Shard) -> tuple:
     return (shard.v.device, shard.g.dtype, None if shard.compute is None else shard.compute.dtype,
-            shard.x_lo is not None, shard.offset % 4)
+            shard.x_lo is not None, shard.offset % 4, shard.precond is not None)
 
 
 def _identity(shards: list[Shard]) -> tuple:
     """What a cached table depends on: which buffers, where, how long, at which offsets."""
     return tuple((s.x.data_ptr(), s.v.data_ptr(), s.g.data_ptr(), s.numel, s.offset,
                   None if s.compute is None else s.compute.data_ptr(),
-                  None if s.x_lo is None else s.x_lo.data_ptr()) for s in shards)
+                  None if s.x_lo is None else s.x_lo.data_ptr(),
+                  None if s.precond is None else s.precond.data_ptr()) for s in shards)
 
 
 class SegmentLauncher:
@@ -101,6 +102,7 @@ class _ShardView:
         self.x, self.v, self.g = seg.x[j], seg.v[j], seg.g[j]
         self.x_lo = None if seg.x_lo is None else seg.x_lo[j]
         self.compute = None if seg.compute is None else seg.compute[j]
+        self.precond = None if seg.precond is None else seg.precond[j]
 
 
 def on_device(t: Tensor):

@@ -332,3 +332,29 @@ def test_split_layout_components_equal_the_samplers_buffers(tiny_model_dir):
     with pytest.raises(ValueError, match="needs bfloat16"):
         plan_memory(model.config, batch=2, seq=16, device="cpu", layout="fp32-split",
                     compute_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("precondition", [False, True])
+def test_smile_components_equal_the_samplers_buffers(tiny_model_dir, precondition):
+    """SMILE's step-start copy and pSMILE's preconditioner, byte-exact against a real sampler
+    (every parameter-sized buffer it holds beyond MCLMC's), and in the checkpoint staging."""
+    from rtllm import SMILE
+    from rtllm.plan.memory import PRECOND, SMILE_START
+
+    model, _ = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32)
+    plan = plan_memory(model.config, batch=2, seq=16, device="cpu", sampler="smile", precondition=precondition)
+    ray = plan_memory(model.config, batch=2, seq=16, device="cpu")
+    sampled, _ = select_parameters(model, None)
+    sampler = SMILE(param_groups_for(sampled, "model"), step_size=0.01, precondition=precondition)
+    state = sampler.state_dict()["smile"]
+    assert plan.persistent[SMILE_START] == sum(t.nbytes for t in state["step_start"])
+    pre = state["preconditioner"]
+    held = 0 if pre is None else sum(t.nbytes for key in ("mean", "var", "p") for t in pre[key])
+    assert plan.persistent[PRECOND] == held == (12 * plan.sampled_params if precondition else 0)
+    assert ray.persistent[SMILE_START] == ray.persistent[PRECOND] == 0
+    others = {k: v for k, v in plan.persistent.items() if k not in (SMILE_START, PRECOND)}
+    assert others == {k: v for k, v in ray.persistent.items() if k not in (SMILE_START, PRECOND)}
+    with pytest.raises(ValueError, match="needs sampler='smile'"):
+        plan_memory(model.config, batch=2, seq=16, device="cpu", sampler="mclmc", precondition=True)
+    with pytest.raises(ValueError, match="runs layout 'fp32' only"):
+        plan_memory(model.config, batch=2, seq=16, device="cpu", sampler="smile", layout="fp32-split")

@@ -128,16 +128,21 @@ def test_smoke_every_part_respects_the_budgets(tmp_path, tiny_model_dir, capsys,
 
     lm = result["lm"]["results"]
     assert lm["start"]["mean_epistemic"] < 1e-6  # one model: no disagreement
-    for name in ("ray", "hmc", "sgld", "mclmc", "mclmc-search", "mile", "smile"):
+    for name in ("ray", "hmc", "sgld", "mclmc", "mclmc-search", "mile", "smile", "psmile"):
         r = lm[name]
         assert r["samples"] == 2, name
         assert 58 <= r["grads_tune"] + r["grads_sample"] <= 60, name  # MCLMC: even sampling steps
         assert r["grads_tune"] <= 12, name
         assert math.isfinite(r["nll_bma"]) and 0 <= r["ece"] <= 1 and r["mean_epistemic"] >= 0, name
         assert r["nll_bma"] <= r["nll_single_mean"] + 1e-9, name  # log of a mean >= mean of logs
+        assert 0 <= r["auroc_ood_epistemic"] <= 1 and r["mean_epistemic_ood"] >= 0, name
+        assert r["grads_per_sample"] == (r["grads_tune"] + r["grads_sample"] + r.get("grads_members", 0)) / 2
         assert f"| {name} |" in out
     assert lm["mile"]["grads_members"] >= 2 and len(lm["mile"]["members"]) == 2
     assert lm["smile"]["grads_tune"] == 0  # no tuning: its controller adapts eps while it samples
+    assert lm["psmile"]["grads_tune"] == 0 and lm["psmile"]["nll_bma"] != lm["smile"]["nll_bma"]
+    deep = lm["deep-ensemble"]  # MILE's members alone
+    assert deep["samples"] == 2 and deep["grads_members"] == lm["mile"]["grads_members"] and "| deep-ensemble |" in out
     for name in ("fiber-walk", "fiber-generated"):  # one walk of 60 gradients, two ensembles
         r = lm[name]
         assert r["grads_sample"] == 60 and 1 <= r["samples"] <= 2 and f"| {name} |" in out, name

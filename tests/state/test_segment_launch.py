@@ -118,3 +118,27 @@ def test_launches_go_to_the_tensors_device(monkeypatch):
     with on_device(torch.zeros(1)):  # CPU tensors: nothing to enter
         pass
     assert entered == [torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_preconditioned_update_equals_the_reference(backend):
+    """pSMILE's drift preconditioner (Shard.precond): segment launches (with shards at every
+    offset % 4) and the torch backend equal the float64 reference's update."""
+    from rtllm.kernels.reference import fused_update_ref_
+
+    opt = _sampler(len(SIZES))
+    if backend == "torch":
+        opt.backend = rtllm.state.backends.make_backend("torch", opt.device)
+    gen = torch.Generator().manual_seed(11)
+    before = [(s.x.double().clone(), s.v.double().clone()) for s in opt.shards]
+    for s in opt.shards:
+        s.precond = torch.rand(s.numel, generator=gen).add_(0.25).to(DEVICE)
+    alpha = [0.9 - 0.01 * i for i in range(len(SIZES))]
+    beta = [-0.3 + 0.02 * i for i in range(len(SIZES))]
+    opt.backend.update_shards(opt.shards, alpha, beta, [0.0] * len(SIZES), 0.05, **{**KEY, "noise": False})
+    for s, (x, v), a, b in zip(opt.shards, before, alpha, beta):
+        fused_update_ref_(x, v, s.g, None, alpha=a, beta=b, gamma=0.0, delta=0.05, seed=KEY["seed"],
+                          step=KEY["step"], stream=KEY["stream"], offset=s.offset, noise=False,
+                          precond=s.precond)
+        torch.testing.assert_close(s.v.double(), v, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(s.x.double(), x, rtol=1e-6, atol=1e-7)
