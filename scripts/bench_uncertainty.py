@@ -115,6 +115,7 @@ class Scorer:
         from rtllm.lm.data import pack, read_texts, tokenize_texts
         from rtllm.lm.model_io import load_model_and_tokenizer
 
+        self.model_dir = model_dir
         self.model, tokenizer = load_model_and_tokenizer(model_dir, dtype=torch.float32)
         self.model.eval()
         self.start = {k: v.clone() for k, v in self.model.state_dict().items()}
