@@ -9,8 +9,8 @@ worst and a good pair of the benchmark), window-level AUROCs as there.
 1. One long chain (`rtllm sample` defaults but 600 steps, burn-in 0, thin 5: 120 samples kept),
    then subsets of its samples: burn-in (0..450 at thin 15, 10 samples), chain length (span of
    the 10 kept samples, 50..550 steps after a burn-in of 50: thin = span / 10), number of samples
-   at a fixed span (steps 200..600: 2..20 samples, i.e. thinning 200..20), and the held-out
-   loss over the whole chain.
+   at a fixed span (steps 200..600: 2..20 samples, i.e. thinning 200..20), other layouts of the
+   default's 200-step budget (burn-in / thin), and the held-out loss over the whole chain.
 2. Whole chains of 200 steps (burn-in 50, thin 15) with one option changed each: the loss
    tolerance (S = D / (2 tol): 0.01, 0.2, 1.0; 0.05 is the default), --scale tokens / tempered
    (from the benchmark's rows when present), --ray-per group / tensor, and seeds 1 and 2.
@@ -59,6 +59,9 @@ def subsets() -> list[tuple[str, str, list[int]]]:
     for n in (2, 5, 10, 20):
         thin = 400 // n
         out.append(("samples (steps 200-600)", str(n), [600 - thin * j for j in range(n)][::-1]))
+    # The same 200-step budget as the default (burn-in 50, thin 15), laid out differently.
+    for burn, thin, n in ((0, 20, 10), (20, 45, 4), (100, 10, 10), (0, 40, 5)):
+        out.append(("200-step layout", f"burn-in {burn}, thin {thin}", [burn + thin * (j + 1) for j in range(n)]))
     return out
 
 
@@ -146,6 +149,42 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def tables(rows: list[dict]) -> str:
+    """Markdown tables of the sweep's rows (as in docs/uncertainty.md)."""
+    lines = []
+    scored = [r for r in rows if "pairs" in r]
+    head = "| sweep | value | n | epi AUROC gpl3 / python | tot AUROC gpl3 / python | MI id / gpl3 / python | BMA NLL | ECE | extra |"
+    lines += [head, "|---|---|---|---|---|---|---|---|---|"]
+    for r in scored:
+        p = r["pairs"]
+        extra = (f"stationary {r['stationary']} (z {r['trend_z']:+.1f}, drift {r['drift_nats']:+.3f}), {r['gradients']} grads"
+                 if r.get("trend_z") is not None else f"steps {r['steps'][0]}..{r['steps'][-1]}" if "steps" in r else "")
+        lines.append(f"| {r['sweep']} | {r['value']} | {r['n_samples']} | {p['gpl3']['auroc_epistemic']:.2f} / "
+                     f"{p['python']['auroc_epistemic']:.2f} | {p['gpl3']['auroc_total']:.2f} / {p['python']['auroc_total']:.2f} | "
+                     f"{r['mean_epistemic_id']:.4f} / {p['gpl3']['mean_epistemic']:.4f} / {p['python']['mean_epistemic']:.4f} | "
+                     f"{r['nll_bma']:.3f} | {r['ece']:.3f} | {extra} |")
+    for r in rows:
+        if r["sweep"] == "long chain":
+            h = np.array(r["heldout"])
+            cuts = [0, 50, 100, 150, 200, 300, 400, 500, 600]
+            means = [f"{a}-{b}: {h[(h[:, 0] >= a) & (h[:, 0] < b), 1].mean():.3f}" for a, b in zip(cuts, cuts[1:])
+                     if ((h[:, 0] >= a) & (h[:, 0] < b)).any()]
+            lines += ["", "held-out loss of the long chain, mean per step range: " + ", ".join(means)]
+        if r["sweep"] == "frequency":
+            lines += ["", "| text | " + " | ".join(f"input freq {b}: share / MI" for b in r["bins"]) +
+                      " | MI mean | total mean | Spearman(MI, log freq) |", "|---" * (len(r["bins"]) + 4) + "|"]
+            for name, t in r["texts"].items():
+                cells = [f"{s:.2f} / {m:.4f}" if m is not None else f"{s:.2f} / -" for s, m in zip(t["share"], t["mi"])]
+                lines.append(f"| {name} | " + " | ".join(cells) + f" | {t['mi_mean']:.4f} | {t['total_mean']:.3f} | "
+                             f"{t['spearman_mi_logfreq']:+.2f} |")
+            lines.append(f"Spearman(MI, total entropy) over ID tokens: {r['spearman_mi_total_id']:+.2f}")
+        if r["sweep"] == "features":
+            lines += ["", "feature distance from the sampling text (mean; AUROC as OOD score): " + ", ".join(
+                f"{n}: {r['mean_distance'][n]:.2f}" + (f" ({r['auroc_feature_distance'][n]:.2f})" if n != "id" else "")
+                for n in r["mean_distance"])]
+    return "\n".join(lines)
+
+
 def main() -> None:
     import torch
     from rtllm.run.sampling import sample
@@ -154,8 +193,13 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--size", default="S", choices=list(B.SIZES))
     p.add_argument("--setting", default="own", choices=list(B.SETTINGS))
-    p.add_argument("--parts", nargs="+", default=["1", "2", "3"], choices=["1", "2", "3", "4"])
+    p.add_argument("--parts", nargs="+", default=["1", "2", "3", "4"], choices=["1", "2", "3", "4"])
+    p.add_argument("--tables", action="store_true", help="only print the tables of the rows in WORK")
     args = p.parse_args()
+    if args.tables:
+        path = args.work / f"sweep-{args.size}-{args.setting}.jsonl"
+        print(tables([json.loads(line) for line in path.read_text().splitlines()]))
+        return
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
     all_texts = B.texts(args.work)
