@@ -26,6 +26,7 @@ with ~240 gradients of 8 x 64 tokens (counted per row: dt trials and AdamW steps
               burn-in 50, thin 15 (the loop of scripts/bench_samplers_lm.py)
   deepens     a deep ensemble of the same budget: 4 AdamW fine-tunes of 60 steps (lr 1e-3)
   auto        (not in the default list) 400 steps with --burn-in auto: twice the budget
+  raygroup    (not in the default list) default with --ray-per group (one ray per layer group)
 
 Scored on Julius Caesar (in distribution, seen by no model) and four OOD texts (each the first
 TEXT_BYTES bytes): Python standard-library source, the GPL-3 text, the Apache-2.0 + BSD +
@@ -60,7 +61,7 @@ SAMPLING_TEXT, HELDOUT_TEXT, ID_TEXT = "hamlet.txt", "romeo_and_juliet.txt", "ju
 TEXT_BYTES = 24_000  # per evaluation text: ~6k tokens, ~90 windows of 64 (AUROC's SE ~0.03)
 SEQ_LEN = 64
 PIPELINES = ("start", "default", "tokens", "tempered", "multistart", "sgld", "deepens")
-EXTRA_PIPELINES = ("auto",)
+EXTRA_PIPELINES = ("auto", "raygroup")
 OOD_NAMES = ("gpl3", "licenses", "pydoc", "python")
 AUROC_TARGET = 0.8
 QUIET = lambda _m: None  # noqa: E731
@@ -267,10 +268,10 @@ def run_pipeline(name: str, model: Path, out: Path, work: Path, size: str, setti
     if name == "sgld":
         return run_sgld(model)
     done = (out / "ensemble.json").is_file()
-    if name in ("default", "tokens", "tempered", "auto"):
+    if name in ("default", "tokens", "tempered", "auto", "raygroup"):
         if not done:
-            kw = dict(steps=400, burn_in="auto") if name == "auto" else dict(
-                scale="tolerance" if name == "default" else name)
+            kw = dict(steps=400, burn_in="auto") if name == "auto" else dict(ray_per="group") \
+                if name == "raygroup" else dict(scale="tolerance" if name == "default" else name)
             sample(base_config(model, out, **kw), overwrite=True, log=QUIET)
         info = {"gradients": chain_gradients(out), **verdict_of(out), "heldout": heldout_trend(out)}
         return ensemble_states(out), info
@@ -340,7 +341,15 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES + EXTRA_PIPELINES)
     p.add_argument("--md", type=Path, help="also write the markdown table here")
+    p.add_argument("--table-from", type=Path, nargs="+", metavar="JSONL",
+                   help="only print the table of these results files (rows in size, setting, pipeline order)")
     args = p.parse_args()
+    if args.table_from:
+        rows = [json.loads(line) for path in args.table_from for line in path.read_text().splitlines()]
+        order = {name: i for i, name in enumerate(PIPELINES + EXTRA_PIPELINES)}
+        rows.sort(key=lambda r: (list(SIZES).index(r["size"]), list(SETTINGS).index(r["setting"]), order[r["pipeline"]]))
+        print(table(rows))
+        return
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
     text_paths = texts(args.work)
