@@ -27,6 +27,8 @@ with ~240 gradients of 8 x 64 tokens (counted per row: dt trials and AdamW steps
   deepens     a deep ensemble of the same budget: 4 AdamW fine-tunes of 60 steps (lr 1e-3)
   auto        (not in the default list) 400 steps with --burn-in auto: twice the budget
   raygroup    (not in the default list) default with --ray-per group (one ray per layer group)
+  cli         (not in the default list) `rtllm sample`'s own defaults: 1000 steps, burn-in 200,
+              thin 20 (40 samples): 5x the budget
 
 Scored on Julius Caesar (in distribution, seen by no model) and four OOD texts (each the first
 TEXT_BYTES bytes): Python standard-library source, the GPL-3 text, the Apache-2.0 + BSD +
@@ -61,7 +63,7 @@ SAMPLING_TEXT, HELDOUT_TEXT, ID_TEXT = "hamlet.txt", "romeo_and_juliet.txt", "ju
 TEXT_BYTES = 24_000  # per evaluation text: ~6k tokens, ~90 windows of 64 (AUROC's SE ~0.03)
 SEQ_LEN = 64
 PIPELINES = ("start", "default", "tokens", "tempered", "multistart", "sgld", "deepens")
-EXTRA_PIPELINES = ("auto", "raygroup")
+EXTRA_PIPELINES = ("auto", "raygroup", "cli")
 OOD_NAMES = ("gpl3", "licenses", "pydoc", "python")
 AUROC_TARGET = 0.8
 QUIET = lambda _m: None  # noqa: E731
@@ -268,10 +270,11 @@ def run_pipeline(name: str, model: Path, out: Path, work: Path, size: str, setti
     if name == "sgld":
         return run_sgld(model)
     done = (out / "ensemble.json").is_file()
-    if name in ("default", "tokens", "tempered", "auto", "raygroup"):
+    if name in ("default", "tokens", "tempered", "auto", "raygroup", "cli"):
         if not done:
-            kw = dict(steps=400, burn_in="auto") if name == "auto" else dict(ray_per="group") \
-                if name == "raygroup" else dict(scale="tolerance" if name == "default" else name)
+            kw = {"auto": dict(steps=400, burn_in="auto"), "raygroup": dict(ray_per="group"),
+                  "cli": dict(steps=1000, burn_in=200, thin=20)}.get(
+                name, dict(scale="tolerance" if name == "default" else name))
             sample(base_config(model, out, **kw), overwrite=True, log=QUIET)
         info = {"gradients": chain_gradients(out), **verdict_of(out), "heldout": heldout_trend(out)}
         return ensemble_states(out), info
