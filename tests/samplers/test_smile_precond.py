@@ -99,6 +99,9 @@ def test_relative_clip_is_scale_free_and_bounds_zero_gradient_coordinates():
     torch.testing.assert_close(run(1e3, "relative"), run(1e5, "relative"), rtol=1e-3, atol=0)
     with pytest.raises(ValueError, match="clip must be one of"):
         DiagonalPreconditioner([], clip="none")
+    x = torch.nn.Parameter(torch.zeros(4))
+    with pytest.warns(RuntimeWarning, match="absolute clip"):
+        SMILE([x], step_size=0.1, scale_likelihood=1e7, precondition=True, precondition_clip="absolute")
 
 
 def test_huge_or_nan_gradients_do_not_poison_the_statistics():
