@@ -86,6 +86,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
       "gradients), or SMILE, MCLMC for minibatches (--dt its initial step size) (%(default)s)")
     a("--precondition", action="store_true", help="with --sampler smile: pSMILE, a diagonal "
       "preconditioner from an EMA of the gradient's mean and variance (12 more bytes/parameter)")
+    a("--precondition-clip", choices=["relative", "absolute"], default=d["precondition_clip"].default,
+      help="pSMILE's clip of the gradient scale s: relative ([0.1, 100] x rms(s)) or the SMILE "
+      "authors' absolute [1e-2, 1e4], which diverges on LMs (docs/smile.md) (%(default)s)")
     a("--L", type=_dt, default="auto", help="MCLMC decoherence length, or 'auto': tuned in the burn-in "
       "(%(default)s)")
     a("--tune-phases", type=int, nargs=3, metavar=("I", "II", "III"), help="MCLMC tuning phases in full "
@@ -133,7 +136,7 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
         deterministic=args.deterministic, sampler=args.sampler, L=args.L,
         tune_phases=tuple(args.tune_phases) if args.tune_phases else None, init=args.init,
         encoding=args.encoding, mclmc_target=args.mclmc_target, shard_state=args.shard_state,
-        precondition=args.precondition)
+        precondition=args.precondition, precondition_clip=args.precondition_clip)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

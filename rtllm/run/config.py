@@ -72,6 +72,8 @@ class SampleConfig:
     mclmc_target: str = "unbiased"
     # pSMILE: SMILE with the authors' diagonal preconditioner (rtllm.samplers.smile_precond)
     precondition: bool = False
+    # its clip of s: "relative" ([0.1, 100] x rms(s), scale-free) or the authors' "absolute" [1e-2, 1e4]
+    precondition_clip: str = "relative"
     init: str | None = None  # weights to start from (same architecture as `model`), e.g. a MILE member
     encoding: str | None = None  # of the text files; None: UTF-8, strictly (rtllm.lm.data)
     # One chain over the ranks of a torchrun launch: FSDP2-sharded model and sampler state, exact
@@ -152,6 +154,8 @@ class SampleConfig:
             raise ValueError(f"--sampler must be ray, mclmc or smile, got {self.sampler!r}")
         if self.precondition and (self.sampler != "smile" or self.shard_state):
             raise ValueError("--precondition is pSMILE's: it needs --sampler smile, without --shard-state")
+        if self.precondition_clip not in ("relative", "absolute"):
+            raise ValueError(f"--precondition-clip must be relative or absolute, got {self.precondition_clip!r}")
         if self.sampler in ("mclmc", "smile"):
             if self.layout != "fp32":
                 raise ValueError(f"--layout {self.layout} works with --sampler ray; {self.sampler.upper()} "

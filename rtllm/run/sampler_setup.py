@@ -33,7 +33,8 @@ def build_sampler(cfg: SampleConfig, sampled: list, scale: float, seed: int, *, 
                   **({} if sharded is None else {"sharded": sharded}))
     if cfg.sampler == "smile":  # no tuning: its controller adapts the step size as it samples
         return SMILE(groups, step_size=MCLMC_START_STEP if cfg.dt == "auto" else float(cfg.dt),
-                     precondition=cfg.precondition, **common)
+                     precondition=cfg.precondition,
+                     precondition_clip=cfg.precondition_clip, **common)
     if cfg.sampler == "mclmc":
         dim = sum(p.numel() for _, p in sampled)
         return MCLMC(groups, step_size=MCLMC_START_STEP if cfg.dt == "auto" else float(cfg.dt),

@@ -27,6 +27,7 @@ def test_sample_with_smile_cli(tiny_model_dir, train_file, tmp_path, preconditio
     manifest = json.loads((out / "ensemble.json").read_text())
     assert manifest["config"]["sampler"] == "smile"
     assert manifest["config"]["precondition"] is precondition
+    assert manifest["config"]["precondition_clip"] == "relative"  # the default (docs/smile.md)
     assert len(Ensemble(out).entries) == 2
 
 
@@ -35,6 +36,7 @@ def test_sample_with_smile_cli(tiny_model_dir, train_file, tmp_path, preconditio
     (dict(thin=3), "even"), (dict(layout="fp32-split"), "SMILE needs --layout fp32"),
     (dict(sampler="mclmc", precondition=True), "needs --sampler smile"),
     (dict(precondition=True, shard_state=True), "without --shard-state"),
+    (dict(precondition=True, precondition_clip="none"), "must be relative or absolute"),
 ])
 def test_bad_smile_settings(bad, match, tmp_path):
     base = dict(model="m", train=("t",), out=str(tmp_path), steps=28, burn_in=12, thin=8, sampler="smile")

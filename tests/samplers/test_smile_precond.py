@@ -10,19 +10,21 @@ import pytest
 import torch
 
 from rtllm.samplers.smile import SMILE
-from rtllm.samplers.smile_precond import CLIP, EMA, VAR_FLOOR
+from rtllm.samplers.smile_precond import CLIP, EMA, RELATIVE_CLIP, VAR_FLOOR, DiagonalPreconditioner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _gaussian(dim: int, c: float, seed: int, precondition: bool = True, eps0: float = 0.3):
+def _gaussian(dim: int, c: float, seed: int, precondition: bool = True, eps0: float = 0.3,
+              clip: str = "relative"):
     """N(0, diag(sig^2)), half the coordinates sig = 1, half 0.1 (condition number 100), seen
     through the minibatch loss 0.5 sum((x - c sig xi) / sig)^2, xi ~ N(0, I) fresh per full step."""
     gen = torch.Generator().manual_seed(1000 + seed)
     sig = torch.ones(dim)
     sig[dim // 2:] = 0.1
     x = torch.nn.Parameter(torch.randn(dim, generator=gen) * sig)
-    opt = SMILE([x], step_size=eps0, scale_likelihood=1.0, seed=seed, precondition=precondition)
+    opt = SMILE([x], step_size=eps0, scale_likelihood=1.0, seed=seed, precondition=precondition,
+                precondition_clip=clip)
     return opt, x, sig, gen
 
 
@@ -47,15 +49,17 @@ def _run(opt, x, sig, gen, c: float, grads: int, record=None):
     return np.array(out)
 
 
-def test_statistics_equal_a_float64_reference():
-    opt, x, sig, gen = _gaussian(64, 3.0, 0)
+@pytest.mark.parametrize("clip", ["relative", "absolute"])
+def test_statistics_equal_a_float64_reference(clip):
+    opt, x, sig, gen = _gaussian(64, 3.0, 0, clip=clip)
     grads: list[torch.Tensor] = []
     _run(opt, x, sig, gen, 3.0, 41, record=grads)  # 21 boundary calls (one rejected step or not)
     pc = opt.preconditioner
     m, var = torch.zeros(64, dtype=torch.float64), torch.ones(64, dtype=torch.float64)
     p = torch.ones(64, dtype=torch.float64)
     for g in grads:  # at a boundary: p from the statistics so far, then the gradient enters them
-        s = var.sqrt().clamp(*CLIP)
+        rms = var.mean().sqrt()
+        s = var.sqrt().clamp(*(CLIP if clip == "absolute" else (RELATIVE_CLIP[0] * rms, RELATIVE_CLIP[1] * rms)))
         p = s.pow(2).mean().sqrt() / s
         m = (1 - EMA) * m + EMA * g  # scale_likelihood 1: G = g
         var = ((1 - EMA) * var + EMA * (g - m) ** 2).clamp_min(VAR_FLOOR)
@@ -67,6 +71,37 @@ def test_statistics_equal_a_float64_reference():
     assert float((1 / p).pow(2).mean()) == pytest.approx(1.0, rel=1e-12)
     # the gradient buffer the kicks saw at the last call (a boundary) is g * p, p refreshed first
     assert torch.equal(opt.shards[0].g, grads[-1].float() * pc.p[0])
+
+
+def test_relative_clip_is_scale_free_and_bounds_zero_gradient_coordinates():
+    """The LM failure (docs/smile.md): a likelihood scale S ~ 1e5-1e7 and coordinates that never
+    get a gradient. The authors' absolute clip leaves those at s ~ 1 (p ~ 1e4 x the median) and
+    the rest at its ceiling; the relative clip bounds p / median by ~10 and gives the same p
+    at every scale."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(60, 1000, generator=gen) * torch.linspace(0.5, 2.0, 1000)
+    noise[:, :50] = 0.0  # 5% of the coordinates: no gradient ever
+
+    def run(scale, clip):
+        shard = SimpleNamespace(numel=1000, v=torch.zeros(1000), g=torch.zeros(1000))
+        pc = DiagonalPreconditioner([shard], clip=clip)
+        for g in noise:
+            shard.g.copy_(g)
+            pc.observe(scale)
+            pc.refresh()
+        return pc.p[0] / pc.p[0].median()
+
+    absolute = run(1e5, "absolute")
+    assert float(absolute[:50].min()) > 1e3  # the divergence's mechanism, measured on the LM too
+    assert float(run(1e5, "relative").max()) < 12 and float(run(1e5, "relative")[:50].min()) > 5
+    torch.testing.assert_close(run(1e3, "relative"), run(1e5, "relative"), rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match="clip must be one of"):
+        DiagonalPreconditioner([], clip="none")
+    x = torch.nn.Parameter(torch.zeros(4))
+    with pytest.warns(RuntimeWarning, match="absolute clip"):
+        SMILE([x], step_size=0.1, scale_likelihood=1e7, precondition=True, precondition_clip="absolute")
 
 
 def test_huge_or_nan_gradients_do_not_poison_the_statistics():
@@ -97,6 +132,9 @@ def test_resume_is_bit_identical_with_precondition():
     plain, *_ = _gaussian(32, 3.0, 4, precondition=False)
     with pytest.raises(ValueError, match="disagree on precondition"):
         plain.load_state_dict(saved["opt"])
+    other, *_ = _gaussian(32, 3.0, 4, clip="absolute")
+    with pytest.raises(ValueError, match="saved with clip='relative'"):
+        other.load_state_dict(saved["opt"])
     with pytest.raises(TypeError, match="precondition must be True or False"):
         _gaussian(4, 3.0, 0, precondition="yes")
 
