@@ -52,7 +52,14 @@ def _alone(args: list[str]) -> None:
         for name in RANK_VARIABLES:
             mp.delenv(name, raising=False)
         mp.setenv("HF_HUB_OFFLINE", "1")
-        assert cli_main(["sample", *args]) == 0
+        # the ranks run at OMP_NUM_THREADS=1 (_env), and CPU chains are byte-reproducible only at
+        # one thread count: so does this one, whatever the module-scoped fixtures' caller set
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert cli_main(["sample", *args]) == 0
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _free_port() -> int:
