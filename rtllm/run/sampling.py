@@ -309,6 +309,7 @@ class SamplingRun(StepSizeChoice):
                     self.writer.update_config(self.manifest_config())
                 self._set_dt(st["dt"])
                 self._loop()
+                self._finish_writes()
                 self._save_checkpoint()
                 self.watch.check()
             self.n_samples = len(range(self.state["burn_in"] + cfg.thin - 1, cfg.steps, cfg.thin))
@@ -319,6 +320,20 @@ class SamplingRun(StepSizeChoice):
         self.say(f"done: {self.n_samples} samples in {cfg.out_dir / 'samples'}, manifest "
                  f"{cfg.out_dir / 'ensemble.json'}, log {self.log.path}")
         return cfg.out_dir
+
+    def _finish_writes(self, poll_s: float = 0.2, quiet_s: float = 1.0) -> None:
+        """The writer thread may still hold the last samples (seconds each at GPT-2 XL): past
+        `quiet_s`, show the wait as a phase of its own."""
+        quiet_until = time.monotonic() + quiet_s
+        while self.writer.pending and time.monotonic() < quiet_until:
+            time.sleep(poll_s)
+        total = self.writer.pending
+        if total:
+            with Progress(total, "writing the last samples", unit="sample") as bar:
+                while (done := total - self.writer.pending) < total:
+                    bar.update(done - bar.done)
+                    time.sleep(poll_s)
+                bar.update(total - bar.done)
 
     def _loop(self) -> None:
         cfg, st = self.cfg, self.state

@@ -254,6 +254,11 @@ class SampleWriter:
         if self._last_event is not None:
             torch.cuda.current_stream(self._device).wait_event(self._last_event)
 
+    @property
+    def pending(self) -> int:
+        """Samples submitted but not yet on disk (0 once the writer thread has stopped)."""
+        return self._jobs.unfinished_tasks if self._thread.is_alive() else 0
+
     def flush(self) -> None:
         """Wait until every submitted sample is written; re-raise a writer error."""
         self._jobs.join()
