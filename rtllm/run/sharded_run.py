@@ -248,6 +248,10 @@ class _GatheringWriter:
         if self.inner is not None:
             self.inner.submit(**kwargs)
 
+    @property
+    def pending(self) -> int:  # a value, not a method: __getattr__ below would hand out a lambda
+        return self.inner.pending if self.inner is not None else 0
+
     def __getattr__(self, name):  # flush, wait_snapshot, update_config: rank 0's, else nothing
         if self.inner is not None:
             return getattr(self.inner, name)

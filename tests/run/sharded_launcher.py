@@ -18,6 +18,9 @@ dist.init_process_group("gloo")
 rank = os.environ["RANK"]
 for k, argv in enumerate(json.loads(sys.argv[1])):
     code = main([a.replace("{RANK}", rank) for a in argv])
-    print(f"rank {rank}: command {k} exit code {code}", flush=True)
+    # one write (atomic on a pipe): print() writes the text and its newline apart, and another
+    # rank's line could land between them
+    sys.stdout.write(f"\nrank {rank}: command {k} exit code {code}\n")
+    sys.stdout.flush()
 dist.barrier()
 dist.destroy_process_group()

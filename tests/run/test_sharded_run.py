@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -134,9 +135,8 @@ def _launch(world: int, runs: list[list[str]]) -> subprocess.CompletedProcess:
 def _exit_codes(text: str) -> dict[str, list[int]]:
     """{rank: the exit code of each command line that ended} as the launcher printed them."""
     codes: dict[str, list[int]] = {}
-    for line in text.splitlines():
-        if line.startswith("rank ") and " exit code " in line:
-            codes.setdefault(line.split()[1].rstrip(":"), []).append(int(line.rsplit(" ", 1)[1]))
+    for rank, code in re.findall(r"rank (\d+): command \d+ exit code (-?\d+)", text):
+        codes.setdefault(rank, []).append(int(code))
     return codes
 
 
