@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -107,6 +108,7 @@ class KernelFigures:
 
     variant: str
     kernel: str
+    kernel_hash: str  # Triton's hash of the compiled kernel (variants can share one)
     arch: int
     registers: int
     spill_bytes: int  # local-memory spill stores + loads reported by ptxas (must be 0)
@@ -162,7 +164,40 @@ def _ptxas_info(ptx: str, arch: int) -> tuple[int, int, int]:
             int(stack.group(1)) if stack else -1)
 
 
+# SASS since Volta is a fixed 128-bit encoding with the opcode in the low 12 bits; NOP is 0x918.
+# Counting the cubin's code words needs no disassembler (cuobjdump -sass took ~0.7 s per kernel,
+# 80% of the whole compile check); tests/kernels/test_compile.py checks the count against it.
+_SASS_WORD = 16
+_NOP_OPCODE = 0x918
+
+
+def _elf_sections(elf: bytes) -> dict[str, bytes]:
+    """Section name -> contents of a little-endian ELF64 file (a cubin)."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        raise ValueError("not a little-endian ELF64 cubin")
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", elf, shoff + i * shentsize) for i in range(shnum)]
+    names_at = headers[shstrndx][4]
+    out = {}
+    for name, _type, _flags, _addr, offset, size in headers:
+        end = elf.index(b"\0", names_at + name)
+        out[elf[names_at + name:end].decode()] = elf[offset:offset + size]
+    return out
+
+
 def _sass_instructions(cubin: bytes) -> int:
+    """Static SASS instructions of the kernel code in `cubin`, NOPs (alignment padding) excluded."""
+    count = 0
+    for name, code in _elf_sections(cubin).items():
+        if name.startswith(".text."):
+            count += sum(1 for i in range(0, len(code), _SASS_WORD)
+                         if int.from_bytes(code[i:i + 2], "little") & 0xFFF != _NOP_OPCODE)
+    return count
+
+
+def sass_instructions_disassembled(cubin: bytes) -> int:
+    """The same count read from cuobjdump's disassembly (slow; the check of `_sass_instructions`)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -186,8 +221,8 @@ def figures(kernel, variant: str) -> KernelFigures:
         loads, load_width = _widths(ptx, "ld")
         stores, store_width = _widths(ptx, "st")
         _FIGURES[key] = dict(
-            kernel=kernel.metadata.name, arch=arch, registers=registers, spill_bytes=spill,
-            local_bytes=stack, load_width=load_width, store_width=store_width, global_loads=loads,
+            kernel=kernel.metadata.name, kernel_hash=kernel.metadata.hash, arch=arch,
+            registers=registers, spill_bytes=spill, local_bytes=stack, load_width=load_width, store_width=store_width, global_loads=loads,
             global_stores=stores, sass_instructions=_sass_instructions(cubin), elements=_block(),
             threads=int(kernel.metadata.num_warps) * 32,
         )
@@ -200,8 +235,11 @@ def _block() -> int:
     return triton_step.BLOCK
 
 
-def compile_variants(arch: int) -> list[KernelFigures]:
-    """Compile every variant the backends launch for sm_<arch>, through the real launchers."""
+def compile_variants(arch: int, verify_sass: int = 0) -> list[KernelFigures]:
+    """Compile every variant the backends launch for sm_<arch>, through the real launchers.
+
+    `verify_sass`: for that many distinct kernels, also count the instructions in cuobjdump's
+    disassembly (`SASS_DISASSEMBLED`, by kernel hash), to check the encoding-based count."""
     from .compile_variants import VARIANTS
 
     out = []
@@ -209,8 +247,15 @@ def compile_variants(arch: int) -> list[KernelFigures]:
         for name, launch in VARIANTS.items():
             start = len(compiled)
             launch()
-            out.extend(figures(k, name) for k in compiled[start:])
+            for kernel in compiled[start:]:
+                out.append(figures(kernel, name))
+                key = (kernel.metadata.hash, arch)
+                if key not in SASS_DISASSEMBLED and sum(a == arch for _, a in SASS_DISASSEMBLED) < verify_sass:
+                    SASS_DISASSEMBLED[key] = sass_instructions_disassembled(kernel.asm["cubin"])
     return out
+
+
+SASS_DISASSEMBLED: dict[tuple[str, int], int] = {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,14 +263,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 "
                         f"(repeatable; default {', '.join(map(str, ARCHS))})")
     parser.add_argument("--json", action="store_true", help="one JSON object per kernel variant")
+    parser.add_argument("--verify-sass", type=int, default=0, metavar="N", help="for the first N "
+                        "distinct kernels per target, also count instructions in cuobjdump's "
+                        "disassembly (sass_instructions_disassembled; ~0.7 s each)")
     args = parser.parse_args(argv)
     reason = backend_missing()
     if reason:
         print(f"cannot compile for CUDA here: {reason}", file=sys.stderr)
         return 2
     for arch in args.arch or ARCHS:
-        for fig in compile_variants(arch):
+        for fig in compile_variants(arch, verify_sass=args.verify_sass):
             row = asdict(fig) | {"instructions_per_element": round(fig.instructions_per_element, 1)}
+            if (fig.kernel_hash, arch) in SASS_DISASSEMBLED:
+                row["sass_instructions_disassembled"] = SASS_DISASSEMBLED[(fig.kernel_hash, arch)]
             print(json.dumps(row) if args.json else row)
     return 0
 

@@ -36,7 +36,7 @@ MAX_REGISTERS_ALIGNED = 96
 def compiled() -> list[dict]:
     """Every variant's figures for every target; one process per target, run concurrently."""
     procs = [subprocess.Popen([sys.executable, "-m", "rtllm.kernels.compile_check", "--json",
-                               "--arch", str(arch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               "--arch", str(arch), "--verify-sass", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=_env) for arch in compile_check.ARCHS]
     rows = []
     for proc in procs:
@@ -66,6 +66,16 @@ def test_aligned_shards_use_vector_loads_and_stores():
         assert row["load_width"] >= 4, row  # ld.global.v4.b32 (16 bytes) or wider
         if row["kernel"] == "_fused_update_kernel":  # the reduce kernel stores 6 scalars
             assert row["store_width"] >= 4, row
+
+
+def test_instruction_counts_equal_the_disassemblers():
+    """The count read from the code words (opcode bits, NOPs left out) is cuobjdump's."""
+    checked = {}
+    for row in compiled():
+        if "sass_instructions_disassembled" in row:
+            assert row["sass_instructions"] == row["sass_instructions_disassembled"], row
+            checked.setdefault(row["arch"], set()).add(row["kernel_hash"])
+    assert {arch: len(hashes) for arch, hashes in checked.items()} == {arch: 2 for arch in compile_check.ARCHS}
 
 
 def test_instructions_per_element_are_reported():
