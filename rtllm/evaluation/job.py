@@ -6,7 +6,7 @@ diagnostics, writes everything into a staging directory and publishes it (`publi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,7 +20,9 @@ class EvalJob:
     settings can change the numbers and is part of the fingerprint (those change only how they
     are computed). offload: bytes of each sample on the device, the rest dispatched to host
     memory (offload_host bytes, None: what is free) and disk (offload_dir, None: a temporary
-    directory); see rtllm.evaluation.offload."""
+    directory); see rtllm.evaluation.offload. reference: the text the model was trained or
+    sampled on, for the feature-distance OOD score (None: the run's training texts recorded in
+    ensemble.json when they exist here; (): none; rtllm.evaluation.feature_distance)."""
 
     ensemble: str
     data: tuple[str, ...]
@@ -38,6 +40,7 @@ class EvalJob:
     offload: int | None = None
     offload_host: int | None = None
     offload_dir: str | None = None
+    reference: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -53,6 +56,7 @@ class EvalOutcome:
     paths: dict[str, Path]
     reused: bool
     summary_unmasked: dict | None = None
+    feature_missing: str | None = None  # why there is no feature-distance score, what to do
     diagnostics: dict | None = None
     diagnostics_missing: str | None = None  # why there are none (no sampling log)
     inputs: dict = field(default_factory=dict)
@@ -65,10 +69,15 @@ def run_job(job: EvalJob, say: Callable[[str], None] = lambda m: None) -> EvalOu
     out = Path(job.out)
     publish.check_out_dir(out)
     texts, ood = _texts(job.data), _texts(job.ood)
+    from rtllm.evaluation.feature_distance import resolve_reference
+
+    ref = resolve_reference(job.ensemble, job.reference)
+    job = replace(job, reference=ref.paths or ())  # resolved: evaluate() takes it as it is
     options = {"seq_len": job.seq_len, "max_samples": job.max_samples, "include_masked": job.include_masked,
                "mask_heldout_above": job.mask_heldout_above, "encoding": job.encoding}
     digest, inputs = publish.fingerprint(Path(job.ensemble), texts, ood,
-                                         Path(job.baseline) if job.baseline else None, options)
+                                         Path(job.baseline) if job.baseline else None, options,
+                                         reference=_texts(job.reference))
     inputs = {"ensemble": str(Path(job.ensemble).resolve()), "model": _model_of(Path(job.ensemble)),
               "baseline_dir": str(Path(job.baseline).resolve()) if job.baseline else None, **inputs}
     done = None if job.recompute else publish.completed(out, digest)
@@ -78,11 +87,12 @@ def run_job(job: EvalJob, say: Callable[[str], None] = lambda m: None) -> EvalOu
         read = lambda name: json.loads((out / name).read_text()) if (out / name).is_file() else None  # noqa: E731
         return EvalOutcome(summary=read("summary.json"), paths={p.stem: p for p in done}, reused=True,
                            summary_unmasked=read("summary_unmasked.json"), diagnostics=read("diagnostics.json"),
-                           inputs=inputs)
+                           inputs=inputs, feature_missing=ref.note)
     created_out = not out.exists()
     staging = publish.begin(out)
     try:
         outcome = _evaluate_into(job, staging, inputs, say)
+        outcome.feature_missing = ref.note
         outcome.paths = publish.publish(staging, out, digest, inputs)
     except BaseException:
         publish.discard(staging, created_out=created_out)
@@ -128,15 +138,18 @@ def _evaluate_offloaded(job: EvalJob, staging: Path, inputs: dict, say: Callable
     from rtllm.evaluation.streaming import evaluate, write_evaluation
     from rtllm.store.manifest import atomic_write_json
 
-    def run(masking: bool, ensemble: str | Path = job.ensemble):
+    def run(masking: bool, ensemble: str | Path = job.ensemble, features: bool = False):
+        # The feature distance once, for the headline summary (a chain's or the unmasked
+        # summary would repeat the same model's features or those of another first sample).
         return evaluate(ensemble, list(job.data), ood_texts=list(job.ood) or None, baseline=job.baseline,
+                        reference=list(job.reference) or None if features else None,
                         seq_len=job.seq_len, max_samples=job.max_samples, max_memory=job.max_memory,
                         mask="manifest" if masking else None,
                         mask_heldout_above=job.mask_heldout_above if masking else None,
                         device=job.device, encoding=job.encoding, progress=say,
                         offload=offload, offload_dir=offload_dir)
 
-    result = run(masking=not job.include_masked)
+    result = run(masking=not job.include_masked, features=True)
     try:  # the chains' stationarity verdict, the same one `rtllm sample` prints at its end
         result.summary["stationarity"] = stationarity(job.ensemble).to_json()
     except (ValueError, FileNotFoundError) as err:  # no sampling log next to the samples
