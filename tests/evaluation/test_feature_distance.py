@@ -188,3 +188,14 @@ def test_cli_help_lists_reference():
     text = " ".join(p.format_help().split())
     assert "--reference TEXT [TEXT ...]" in text and "'none': no score" in text
     assert all(name in text for name in ("summary.json", "tokens.jsonl", "tokens.html", "evaluation.json"))
+
+
+def test_offloaded_samples_give_the_same_features(setup, tmp_path):
+    """--offload: the first sample dispatched with its blocks on disk (100 kB budget), its
+    base model's output taken by a hook; the same numbers as in memory."""
+    kw = dict(ood_texts=[setup["ood"]], seq_len=SEQ_LEN, max_samples=1)
+    plain = evaluate(setup["ens"], [setup["data"]], **kw).summary
+    off = evaluate(setup["ens"], [setup["data"]], offload={"cpu": 100_000}, offload_dir=tmp_path, **kw).summary
+    for key in ("mean_feature_distance", "mean_feature_distance_ood", "auroc_ood_feature"):
+        assert off[key] == pytest.approx(plain[key], rel=1e-6), key
+    assert off["feature_model"] == plain["feature_model"] == "sample 0"
