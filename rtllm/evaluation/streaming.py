@@ -14,7 +14,8 @@ chunk's running BMA mean `[tokens, vocab]` fp32 plus one sample's logits `[token
 remaining 1/8 bounds the fp64 row blocks of the reductions. Not counted: the model's weights
 (on CUDA twice: the next sample is staged on the device while the current one runs), the
 forward's activations, and the starting checkpoint when `baseline` is given (evaluated in a
-pass of its own before the samples, then freed).
+pass of its own before the samples, then freed). The feature-distance score
+(rtllm.evaluation.feature_distance) is one more forward of that model, or of the first sample.
 """
 from __future__ import annotations
 
