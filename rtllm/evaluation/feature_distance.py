@@ -96,6 +96,22 @@ def reference_windows(tokenizer, paths: Sequence[str | Path], seq_len: int, *, e
     return windows
 
 
+def prepare(ensemble_dir: str | Path, reference, tokenizer, seq_len: int, encoding: str | None = None
+            ) -> tuple[ReferenceChoice, torch.Tensor | None, str | None]:
+    """(choice, reference windows or None, why there are none): `reference` as in
+    resolve_reference, None meaning no score. A text the user named that does not fill two
+    windows is refused (ValueError); the manifest's is skipped, with the reason."""
+    ref = resolve_reference(ensemble_dir, () if reference is None else reference)
+    if ref.paths is None:
+        return ref, None, ref.note
+    try:
+        return ref, reference_windows(tokenizer, ref.paths, seq_len, encoding=encoding), None
+    except ValueError as err:
+        if ref.source != "manifest":
+            raise
+        return ref, None, f"no feature-distance score: {err}"
+
+
 def window_features(model, windows: torch.Tensor, device: torch.device, pieces=None) -> torch.Tensor:
     """Per window `[W, T + 1]`: the mean over its T input positions of the final hidden state,
     `[W, hidden]` float64 on the CPU. A dispatched model (hf_device_map) runs whole, its base

@@ -6,7 +6,7 @@ diagnostics, writes everything into a staging directory and publishes it (`publi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -71,13 +71,12 @@ def run_job(job: EvalJob, say: Callable[[str], None] = lambda m: None) -> EvalOu
     texts, ood = _texts(job.data), _texts(job.ood)
     from rtllm.evaluation.feature_distance import resolve_reference
 
-    ref = resolve_reference(job.ensemble, job.reference)
-    job = replace(job, reference=ref.paths or ())  # resolved: evaluate() takes it as it is
+    ref = resolve_reference(job.ensemble, job.reference)  # evaluate() resolves it alike
     options = {"seq_len": job.seq_len, "max_samples": job.max_samples, "include_masked": job.include_masked,
                "mask_heldout_above": job.mask_heldout_above, "encoding": job.encoding}
     digest, inputs = publish.fingerprint(Path(job.ensemble), texts, ood,
                                          Path(job.baseline) if job.baseline else None, options,
-                                         reference=_texts(job.reference))
+                                         reference=_texts(ref.paths or ()))
     inputs = {"ensemble": str(Path(job.ensemble).resolve()), "model": _model_of(Path(job.ensemble)),
               "baseline_dir": str(Path(job.baseline).resolve()) if job.baseline else None, **inputs}
     done = None if job.recompute else publish.completed(out, digest)
@@ -92,7 +91,6 @@ def run_job(job: EvalJob, say: Callable[[str], None] = lambda m: None) -> EvalOu
     staging = publish.begin(out)
     try:
         outcome = _evaluate_into(job, staging, inputs, say)
-        outcome.feature_missing = ref.note
         outcome.paths = publish.publish(staging, out, digest, inputs)
     except BaseException:
         publish.discard(staging, created_out=created_out)
@@ -142,7 +140,7 @@ def _evaluate_offloaded(job: EvalJob, staging: Path, inputs: dict, say: Callable
         # The feature distance once, for the headline summary (a chain's or the unmasked
         # summary would repeat the same model's features or those of another first sample).
         return evaluate(ensemble, list(job.data), ood_texts=list(job.ood) or None, baseline=job.baseline,
-                        reference=list(job.reference) or None if features else None,
+                        reference=("manifest" if job.reference is None else list(job.reference)) if features else None,
                         seq_len=job.seq_len, max_samples=job.max_samples, max_memory=job.max_memory,
                         mask="manifest" if masking else None,
                         mask_heldout_above=job.mask_heldout_above if masking else None,
@@ -159,7 +157,8 @@ def _evaluate_offloaded(job: EvalJob, staging: Path, inputs: dict, say: Callable
         result.summary["chains"] = chains
     say("writing tokens.jsonl, summary.json and the reports")
     write_evaluation(result, staging, context=inputs)
-    outcome = EvalOutcome(summary=result.summary, paths={}, reused=False, inputs=inputs)
+    outcome = EvalOutcome(summary=result.summary, paths={}, reused=False, inputs=inputs,
+                          feature_missing=result.feature_note)
     if result.summary["n_samples_masked"]:
         # Masked samples are reported, and the headline numbers shown with them too.
         say(f"again with the {result.summary['n_samples_masked']} masked samples, for summary_unmasked.json")

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from rtllm.evaluation import feature_distance, metrics
-from rtllm.evaluation.feature_distance import reference_windows, resolve_reference
 from rtllm.evaluation.report_summary import epistemic_note
 from rtllm.lm.data import context_length, pack, read_texts, tokenize_texts
 from rtllm.evaluation.offload import OffloadedLoader, PieceSize, dispatch_offloaded, forward_in_pieces
@@ -53,6 +52,7 @@ class EvalResult:
     samples: list[dict]  # manifest entries of the samples used, each with its normalized "weight"
     seq_len: int
     first_tokens: dict | None = None  # {"in": text, "ood": text}: the tokens nothing predicts
+    feature_note: str | None = None  # why there is no feature-distance score, and what to do
 
 
 def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
@@ -107,11 +107,8 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
     base_model = None if baseline is None else load_baseline(baseline, tokenizer, ensemble.out_dir)
     windows, is_ood_w, seq_len = make_windows(tokenizer, texts, ood_texts, seq_len,
                                               context_length(config), encoding=encoding)
-    ref = resolve_reference(ensemble.out_dir, () if reference is None else reference)
-    if ref.note:
-        say(ref.note)
-    ref_windows = None if ref.paths is None else reference_windows(tokenizer, ref.paths, seq_len,
-                                                                   encoding=encoding)
+    ref, ref_windows, feature_note = feature_distance.prepare(ensemble.out_dir, reference, tokenizer,
+                                                              seq_len, encoding)
     features: dict = {}
     logit_bytes = max(4, torch.finfo(dtype).bits // 8)
     per_chunk = windows_per_chunk(budget, seq_len, vocab, logit_bytes)
@@ -199,7 +196,8 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
     first = {"in": tokenizer.decode([int(windows[0, 0])])}
     if first_ood is not None:
         first["ood"] = tokenizer.decode([int(windows[first_ood, 0])])
-    return EvalResult(table=table, summary=summary, samples=used, seq_len=seq_len, first_tokens=first)
+    return EvalResult(table=table, summary=summary, samples=used, seq_len=seq_len, first_tokens=first,
+                      feature_note=feature_note)
 
 
 # -- inputs -----------------------------------------------------------------------------------

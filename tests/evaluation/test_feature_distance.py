@@ -95,8 +95,13 @@ def test_reference_from_manifest_given_none_or_missing(setup, tmp_path):
         assert why in choice.note and "--reference" in choice.note
     short = tmp_path / "short.txt"
     short.write_text("To be.")
+    tok = AutoTokenizer.from_pretrained(setup["base"])
     with pytest.raises(ValueError, match="fewer than two windows.*--reference none"):
-        fd.reference_windows(AutoTokenizer.from_pretrained(setup["base"]), [short], SEQ_LEN)
+        fd.prepare(setup["ens"], [short], tok, SEQ_LEN)  # named by the user: refused
+    (elsewhere / "ensemble.json").write_text(json.dumps({**manifest, "config": {"train": [str(short)]}}))
+    choice, windows, note = fd.prepare(elsewhere, "manifest", tok, SEQ_LEN)  # the run's: skipped, said
+    assert choice.source == "manifest" and windows is None and "fewer than two windows" in note
+    assert fd.prepare(setup["ens"], None, tok, SEQ_LEN)[1:] == (None, None)  # None: no score, no note
 
 
 def test_evaluate_reports_the_feature_score_and_the_job_fingerprints_its_reference(setup, tmp_path, monkeypatch):
