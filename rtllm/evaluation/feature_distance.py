@@ -44,11 +44,16 @@ HOW_TO_GET_IT = ("pass --reference with the text the model was trained or sample
 class ReferenceChoice:
     """The reference texts (None: no feature score), where they came from ("given",
     "manifest", "off", "missing"), and when there are none and none were refused, why and
-    what to do (one line)."""
+    what to do (one line); `encoding`: the run's, for the manifest's texts."""
 
     paths: tuple[str, ...] | None
     source: str
     note: str | None = None
+    encoding: str | None = None
+
+    def text_encoding(self, evaluation_encoding: str | None) -> str | None:
+        """The manifest's texts are read as the run read them, named ones as the evaluation's."""
+        return self.encoding if self.source == "manifest" else evaluation_encoding
 
 
 def resolve_reference(ensemble_dir: str | Path, reference) -> ReferenceChoice:
@@ -77,7 +82,8 @@ def _from_manifest(ensemble_dir: Path) -> ReferenceChoice:
     if absent:
         return ReferenceChoice(None, "missing", f"no feature-distance score: the run's training text "
                                f"{absent[0]} is not here; {HOW_TO_GET_IT}")
-    return ReferenceChoice(tuple(train), "manifest")
+    encoding = config.get("encoding")
+    return ReferenceChoice(tuple(train), "manifest", encoding=encoding if isinstance(encoding, str) else None)
 
 
 def reference_windows(tokenizer, paths: Sequence[str | Path], seq_len: int, *, encoding: str | None = None,
@@ -105,7 +111,7 @@ def prepare(ensemble_dir: str | Path, reference, tokenizer, seq_len: int, encodi
     if ref.paths is None:
         return ref, None, ref.note
     try:
-        return ref, reference_windows(tokenizer, ref.paths, seq_len, encoding=encoding), None
+        return ref, reference_windows(tokenizer, ref.paths, seq_len, encoding=ref.text_encoding(encoding)), None
     except ValueError as err:
         if ref.source != "manifest":
             raise

@@ -68,15 +68,21 @@ def run_job(job: EvalJob, say: Callable[[str], None] = lambda m: None) -> EvalOu
 
     out = Path(job.out)
     publish.check_out_dir(out)
-    texts, ood = _texts(job.data), _texts(job.ood)
-    from rtllm.evaluation.feature_distance import resolve_reference
+    texts, ood = _texts(job.data, job.encoding), _texts(job.ood, job.encoding)
+    from rtllm.evaluation.feature_distance import ReferenceChoice, resolve_reference
 
     ref = resolve_reference(job.ensemble, job.reference)  # evaluate() resolves it alike
+    try:
+        reference = _texts(ref.paths or (), ref.text_encoding(job.encoding))
+    except ValueError as err:  # a text the user named is refused; the manifest's is skipped
+        if ref.source != "manifest":
+            raise
+        ref, reference = ReferenceChoice(None, "missing", f"no feature-distance score: {err}"), {}
     options = {"seq_len": job.seq_len, "max_samples": job.max_samples, "include_masked": job.include_masked,
                "mask_heldout_above": job.mask_heldout_above, "encoding": job.encoding}
     digest, inputs = publish.fingerprint(Path(job.ensemble), texts, ood,
                                          Path(job.baseline) if job.baseline else None, options,
-                                         reference=_texts(ref.paths or ()))
+                                         reference=reference)
     inputs = {"ensemble": str(Path(job.ensemble).resolve()), "model": _model_of(Path(job.ensemble)),
               "baseline_dir": str(Path(job.baseline).resolve()) if job.baseline else None, **inputs}
     done = None if job.recompute else publish.completed(out, digest)
@@ -110,8 +116,8 @@ def _model_of(ensemble_dir: Path) -> str | None:
     return model if isinstance(model, str) else None  # as the run was given it
 
 
-def _texts(paths: Sequence[str]) -> dict[str, str]:
-    return {str(p.resolve()): text for p, text in read_texts(paths)} if paths else {}
+def _texts(paths: Sequence[str], encoding: str | None = None) -> dict[str, str]:
+    return {str(p.resolve()): text for p, text in read_texts(paths, encoding)} if paths else {}
 
 
 def _evaluate_into(job: EvalJob, staging: Path, inputs: dict, say: Callable[[str], None]) -> EvalOutcome:

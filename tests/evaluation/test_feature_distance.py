@@ -204,3 +204,26 @@ def test_offloaded_samples_give_the_same_features(setup, tmp_path):
     for key in ("mean_feature_distance", "mean_feature_distance_ood", "auroc_ood_feature"):
         assert off[key] == pytest.approx(plain[key], rel=1e-6), key
     assert off["feature_model"] == plain["feature_model"] == "sample 0"
+
+
+def test_texts_in_another_encoding(setup, tmp_path, monkeypatch):
+    """The run's training text is read in the run's encoding (config["encoding"]); one it
+    cannot decode skips the score with the reason; --encoding reaches the job's fingerprint."""
+    tok = AutoTokenizer.from_pretrained(setup["base"])
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(corpus_text(4000).replace("e", "\u00e9").encode("latin-1"))
+    manifest = json.loads((setup["ens"] / "ensemble.json").read_text())
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    for encoding, fits in (("latin-1", True), (None, False)):
+        (ens / "ensemble.json").write_text(json.dumps({**manifest, "config": {"train": [str(latin)], "encoding": encoding}}))
+        choice, windows, note = fd.prepare(ens, "manifest", tok, SEQ_LEN, encoding="utf-8")
+        assert (windows is not None) == fits and (note is None) == fits
+        assert fits or ("no feature-distance score" in note and "--encoding" in note)
+
+    def evaluated(*a, **k):
+        raise RuntimeError("evaluated")
+    monkeypatch.setattr(job_module, "_evaluate_into", evaluated)
+    with pytest.raises(RuntimeError, match="evaluated"):  # the latin-1 data reached the evaluation
+        run_job(EvalJob(ensemble=str(setup["ens"]), data=(str(latin),), out=str(tmp_path / "eval"),
+                        encoding="latin-1", reference=(str(latin),)))
