@@ -19,7 +19,8 @@ how often the model read the input tokens, so OOD text made of the training text
 the training text's spread; the distance of the features does not depend on the spread.
 It is the features of one model, not the posterior's: it says how new the text is to the
 model, not how much the samples disagree about it. Cost: one forward of one model over the
-evaluated windows and the reference windows.
+evaluated windows and the reference windows. Only the summary is kept (mean distances, the
+AUROC): tokens.jsonl is per token and the score is a window's, so no per-window file is written.
 """
 from __future__ import annotations
 
