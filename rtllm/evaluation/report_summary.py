@@ -79,7 +79,7 @@ def epistemic_note(summary: dict) -> str | None:
     what = ("does not separate this OOD text from the in-distribution text" if epi < EPISTEMIC_NOTE_BELOW
             else "separates this OOD text less well than the other scores")
     good = [f"{name} ({v:.2f})" for name, v in others if v >= EPISTEMIC_NOTE_BELOW and v > epi]
-    better = (" and ".join(good) + (" does" if len(good) == 1 else " do") if good else
+    better = (" and ".join(good) + (" separates" if len(good) == 1 else " separate") + " it better" if good else
               "neither does " + " nor ".join(f"{name} ({v:.2f})" for name, v in others) if others else
               "no other score was computed")
     return (f"the samples' disagreement (epistemic uncertainty, AUROC {epi:.2f}) {what}; {better}. "

@@ -154,9 +154,9 @@ def test_missing_reference_says_how_to_get_it(setup, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("epi, total, feature, says", [
-    (0.44, 0.85, 0.83, "total entropy (0.85) and feature distance (0.83) do"),
+    (0.44, 0.85, 0.83, "total entropy (0.85) and feature distance (0.83) separate it better"),
     (0.60, 0.65, None, "neither does total entropy (0.65)"),
-    (0.75, 0.95, 0.70, "less well than the other scores; total entropy (0.95) does"),
+    (0.75, 0.95, 0.70, "less well than the other scores; total entropy (0.95) separates it better"),
     (0.90, 0.95, 0.97, None), (0.72, 0.80, 0.86, None), (0.85, None, None, None),
 ])
 def test_epistemic_note_when_the_samples_disagreement_misses_the_ood_text(epi, total, feature, says):
