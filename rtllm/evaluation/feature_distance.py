@@ -2,7 +2,8 @@
 model was trained or sampled on, in one model's features.
 
 Features: per window, the mean over its positions of the model's final hidden state (after
-the last layer norm, `model.base_model(...).last_hidden_state`), in float64. One model is used:
+the last layer norm, `model.base_model(...).last_hidden_state`; averaged in fp32, fit and
+scored in fp64). One model is used:
 the `--baseline` checkpoint when given, else the first sample evaluated. The reference windows
 are the reference text (`--reference`; by default the run's training texts recorded in
 ensemble.json) tokenized and cut like the evaluated texts, at most MAX_REFERENCE_WINDOWS of
@@ -140,7 +141,7 @@ def window_features(model, windows: torch.Tensor, device: torch.device, pieces=N
     out = torch.empty(len(windows), model.config.hidden_size, dtype=torch.float64)
 
     def consume(hidden, start):
-        out[start:start + len(hidden)] = hidden.double().mean(1).cpu()
+        out[start:start + len(hidden)] = hidden.mean(1, dtype=torch.float32).cpu().double()  # no fp64 copy on the device
     try:
         with torch.inference_mode():
             forward_in_pieces(forward, windows.to(device) if not dispatched else windows, consume, pieces)
