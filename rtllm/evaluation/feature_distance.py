@@ -133,6 +133,7 @@ def window_features(model, windows: torch.Tensor, device: torch.device, pieces=N
         handle = model.base_model.register_forward_hook(lambda m, a, out: captured.append(out[0]))
 
         def forward(x):
+            captured.clear()  # a forward that ran out of memory after the base model left one
             model(input_ids=x[:, :-1], use_cache=False)
             return captured.pop()
     else:
