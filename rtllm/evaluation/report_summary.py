@@ -78,6 +78,8 @@ def epistemic_note(summary: dict) -> str | None:
         return None
     what = ("does not separate this OOD text from the in-distribution text" if epi < EPISTEMIC_NOTE_BELOW
             else "separates this OOD text less well than the other scores")
+    if epi < 0.5:  # inverted: the samples agree more on the new text than on the familiar one
+        what += " (it is mostly lower on the OOD windows)"
     good = [f"{name} ({v:.2f})" for name, v in others if v >= EPISTEMIC_NOTE_BELOW and v > epi]
     better = (" and ".join(good) + (" separates" if len(good) == 1 else " separate") + " it better" if good else
               "neither does " + " nor ".join(f"{name} ({v:.2f})" for name, v in others) if others else

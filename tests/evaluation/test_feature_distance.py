@@ -170,6 +170,7 @@ def test_epistemic_note_when_the_samples_disagreement_misses_the_ood_text(epi, t
         assert note is None
     else:
         assert says in note and f"AUROC {epi:.2f}" in note and "how often the model read" in note
+        assert ("lower on the OOD windows" in note) == (epi < 0.5)  # inverted, said so
     assert epistemic_note({"nll_bma": 3.0}) is None  # no OOD text, no note
 
 
