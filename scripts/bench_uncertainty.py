@@ -134,17 +134,46 @@ class Scorer:
             labels += [name] * len(w)
         self.windows, self.labels = torch.cat(packed), np.array(labels)
         self.ood_names = [n for n in text_paths if n != "id"]
+        self.tokenizer = tokenizer
+        self._reference = self._baseline = None
 
-    def score(self, states, *, keep_windows: bool = False) -> dict:
-        """Summary of the ensemble of `states` (state dicts, equal weights)."""
+    def features(self, state=None) -> dict:
+        """The feature-distance OOD score of `rtllm evaluate` (rtllm.evaluation.feature_distance,
+        reference: the sampling text, at most 256 windows) with the start's weights (as with
+        --baseline) or `state`'s (the first sample, as without): per pair the AUROC, per text
+        the mean distance."""
+        import torch
+        from rtllm.evaluation import feature_distance as fd
+        from rtllm.evaluation.metrics import auroc
+        from rtllm.evaluation.streaming import load_weights
+
+        if self._reference is None:
+            self._reference = fd.reference_windows(self.tokenizer, [SHAKESPEARE / SAMPLING_TEXT], SEQ_LEN)
+        if state is not None:
+            load_weights(self.model, state, Path("sample"), self.aliases)
+        try:
+            feats = fd.window_features(self.model, torch.cat([self._reference, self.windows]), torch.device("cpu"))
+        finally:
+            self.model.load_state_dict(self.start)
+        n = len(self._reference)
+        dist = fd.distances(feats[n:], *fd.fit(feats[:n]))
+        ind = self.labels == "id"
+        return {"n_reference_windows": n,
+                "mean_distance": {k: float(dist[self.labels == k].mean()) for k in ["id"] + self.ood_names},
+                "auroc": {k: auroc(dist[ind], dist[self.labels == k]) for k in self.ood_names}}
+
+    def score(self, states, *, keep_windows: bool = False, features: str | None = None) -> dict:
+        """Summary of the ensemble of `states` (state dicts, equal weights); `features`: None,
+        "baseline" (the start's feature score) or "both" (and the first state's)."""
         import torch
         from rtllm.evaluation import metrics
         from rtllm.evaluation.streaming import load_weights
 
         acc = metrics.PredictiveAccumulator(self.windows[:, 1:])
-        n = 0
+        n, first = 0, None
         with torch.inference_mode():
             for state in states:
+                first = state if first is None else first
                 load_weights(self.model, state, Path("sample"), self.aliases)
                 for r in range(0, len(self.windows), 32):
                     seqs = self.windows[r:r + 32]
@@ -172,7 +201,15 @@ class Scorer:
                 "mean_total": float(per_window["entropy_total"][o].mean())}
         if keep_windows:
             out["windows"] = {"label": self.labels.tolist(), **{k: v.tolist() for k, v in per_window.items()}}
+        if features:  # rtllm evaluate's feature score: with --baseline (the start), and without
+            out["feature"] = self.feature_row(first if features == "both" else None)
         return out
+
+    def feature_row(self, first=None) -> dict:
+        """{"baseline": the start's feature score (computed once), "first sample": `first`'s}."""
+        if self._baseline is None:
+            self._baseline = self.features()
+        return {"baseline": self._baseline, **({"first sample": self.features(first)} if first is not None else {})}
 
 
 def ensemble_states(ens_dir: Path):
@@ -297,6 +334,41 @@ def run_pipeline(name: str, model: Path, out: Path, work: Path, size: str, setti
     raise ValueError(name)
 
 
+def add_features(work: Path, sizes, settings, pipelines) -> None:
+    """The feature-distance column for rows already in WORK/results.jsonl, without sampling
+    again: the start's features (rtllm evaluate --baseline) and the first sample's (without),
+    from the ensembles in WORK (SGLD keeps no samples: baseline only). Into WORK/features.jsonl."""
+    path = work / "features.jsonl"
+    have = {(r["size"], r["setting"], r["pipeline"]) for r in _jsonl(path)}
+    text_paths, scorers = texts(work), {}
+    for row in _jsonl(work / "results.jsonl"):
+        key = (row["size"], row["setting"], row["pipeline"])
+        if key in have or row["size"] not in sizes or row["setting"] not in settings or row["pipeline"] not in pipelines:
+            continue
+        size, setting, name = key
+        if (size, setting) not in scorers:
+            scorers[size, setting] = Scorer(pretrained(work, size, setting), text_paths)
+        ens_dir = work / f"ens-{size}-{setting}-{name}"
+        states = (member_states(ens_dir) if name == "deepens" else ensemble_states(ens_dir)
+                  if (ens_dir / "ensemble.json").is_file() and name != "start" else iter(()))
+        feature = scorers[size, setting].feature_row(next(iter(states), None))
+        with open(path, "a") as f:
+            f.write(json.dumps({"size": size, "setting": setting, "pipeline": name, "feature": feature}) + "\n")
+        print(json.dumps({"size": size, "setting": setting, "pipeline": name,
+                          **{k: v["auroc"] for k, v in feature.items()}}), flush=True)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def with_features(rows: list[dict], paths) -> list[dict]:
+    """Rows with the "feature" entries of features.jsonl files merged in (by size, setting, pipeline)."""
+    extra = {(r["size"], r["setting"], r["pipeline"]): r["feature"] for p in paths for r in _jsonl(p)}
+    return [r if "feature" in r or (r["size"], r["setting"], r["pipeline"]) not in extra else
+            {**r, "feature": extra[r["size"], r["setting"], r["pipeline"]]} for r in rows]
+
+
 # -- the table ----------------------------------------------------------------------------------
 def gaps(row: dict, start: dict | None, deepens: dict | None) -> dict:
     """Per target: the margin (>= 0 met; < 0: missed by that much)."""
@@ -313,7 +385,8 @@ def gaps(row: dict, start: dict | None, deepens: dict | None) -> dict:
 def table(rows: list[dict]) -> str:
     pairs = [p for p in OOD_NAMES if any(p in r.get("pairs", {}) for r in rows)]
     head = ("| size | tok. | pipeline | grads | n | " + " | ".join(f"{p} epi / tot" for p in pairs) +
-            " | BMA NLL | ECE | stationary (z) | AUROC - 0.8 (min) | start - NLL | vs deep ens.: AUROC (min) / NLL |")
+            " | BMA NLL | ECE | stationary (z) | AUROC - 0.8 (min) | start - NLL | vs deep ens.: AUROC (min) / NLL |" +
+            (" feature AUROC " + " / ".join(pairs) + ": baseline; first sample |" if any("feature" in r for r in rows) else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     by = {(r["size"], r["setting"], r["pipeline"]): r for r in rows}
     for r in rows:
@@ -330,8 +403,14 @@ def table(rows: list[dict]) -> str:
             g = gaps(r, start, de if r["pipeline"] != "deepens" else None)
             g_cells = [f"{g['auroc_min']:+.2f}", f"{g['nll_vs_start']:+.3f}" if "nll_vs_start" in g else "n/a",
                        f"{g['auroc_vs_deepens']:+.2f} / {g['nll_vs_deepens']:+.3f}" if "nll_vs_deepens" in g else "n/a"]
+        feat = ""
+        if any("feature" in x for x in rows):
+            f = r.get("feature", {})
+            feat = " " + ("; ".join(" / ".join(f"{f[m]['auroc'][p]:.2f}" for p in pairs) for m in ("baseline", "first sample")
+                                    if m in f) or "n/a") + " |"
         lines.append(f"| {r['size']} | {r['setting']} | {r['pipeline']} | {r['gradients']} | {r['n_samples']} | "
-                     + " | ".join(cells) + f" | {r['nll_bma']:.3f} | {r['ece']:.3f} | {stat} | " + " | ".join(g_cells) + " |")
+                     + " | ".join(cells) + f" | {r['nll_bma']:.3f} | {r['ece']:.3f} | {stat} | " + " | ".join(g_cells) + " |"
+                     + feat)
     return "\n".join(lines)
 
 
@@ -345,10 +424,19 @@ def main() -> None:
     p.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=PIPELINES + EXTRA_PIPELINES)
     p.add_argument("--md", type=Path, help="also write the markdown table here")
     p.add_argument("--table-from", type=Path, nargs="+", metavar="JSONL",
-                   help="only print the table of these results files (rows in size, setting, pipeline order)")
+                   help="only print the table of these results files (rows in size, setting, pipeline order); "
+                        "a features.jsonl next to each is merged in")
+    p.add_argument("--add-features", action="store_true",
+                   help="only add the feature-distance column to the rows in WORK/results.jsonl (no sampling): "
+                        "WORK/features.jsonl")
     args = p.parse_args()
+    if args.add_features:
+        torch.set_num_threads(1)
+        add_features(args.work, args.sizes, args.settings, args.pipelines)
+        return
     if args.table_from:
         rows = [json.loads(line) for path in args.table_from for line in path.read_text().splitlines()]
+        rows = with_features(rows, [path.parent / "features.jsonl" for path in args.table_from])
         order = {name: i for i, name in enumerate(PIPELINES + EXTRA_PIPELINES)}
         rows.sort(key=lambda r: (list(SIZES).index(r["size"]), list(SETTINGS).index(r["setting"]), order[r["pipeline"]]))
         print(table(rows))
@@ -375,13 +463,14 @@ def main() -> None:
                                             args.work, size, setting)
                 t1 = time.perf_counter()
                 row = {"size": size, "setting": setting, "pipeline": name, **info,
-                       **scorer.score(states, keep_windows=True), "seconds_run": t1 - t0,
+                       **scorer.score(states, keep_windows=True, features="baseline" if name == "start" else "both"),
+                       "seconds_run": t1 - t0,
                        "seconds_score": time.perf_counter() - t1}
                 rows.append(row)
                 with open(results, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps({k: v for k, v in row.items() if k not in ("windows", "heldout")}), flush=True)
-    md = table(rows)
+    md = table(with_features(rows, [results.parent / "features.jsonl"]))
     print(md)
     if args.md:
         args.md.write_text(md + "\n")

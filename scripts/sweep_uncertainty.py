@@ -116,30 +116,14 @@ def frequency_analysis(scorer: B.Scorer, states, train_text: Path) -> dict:
     return out
 
 
-def feature_distance(scorer: B.Scorer, train_text: Path) -> dict:
-    """How far each text sits from the sampling text in the start model's features: per window,
-    the mean last hidden state; its diagonal-Mahalanobis distance to the training windows' mean
-    (training text: `train_text`); the AUROC of that distance, OOD vs ID windows, per OOD text."""
-    import torch
-    from rtllm.evaluation.metrics import auroc
-    from rtllm.lm.data import pack, read_texts, tokenize_texts
-    from rtllm.lm.model_io import load_tokenizer
-
-    tok = load_tokenizer(scorer.model_dir, "pretrain it with scripts/bench_uncertainty.py")
-    stream, _ = tokenize_texts(read_texts([train_text]), tok)
-    train = pack(stream, B.SEQ_LEN)
-
-    def features(windows):
-        with torch.inference_mode():
-            out = scorer.model(input_ids=windows[:, :-1], use_cache=False, output_hidden_states=True)
-        return out.hidden_states[-1].mean(1).double()
-
-    ref = features(train)
-    mu, var = ref.mean(0), ref.var(0) + 1e-8
-    dist = (((features(scorer.windows) - mu) ** 2) / var).mean(1).numpy()
-    ind = scorer.labels == "id"
-    return {"mean_distance": {n: float(dist[scorer.labels == n].mean()) for n in ["id"] + scorer.ood_names},
-            "auroc_feature_distance": {n: auroc(dist[ind], dist[scorer.labels == n]) for n in scorer.ood_names}}
+def feature_distance(scorer: B.Scorer) -> dict:
+    """How far each text sits from the sampling text in the start model's features, and the
+    AUROC of that distance, OOD vs ID windows, per OOD text: `rtllm evaluate`'s feature score
+    (rtllm.evaluation.feature_distance, through bench_uncertainty.Scorer.features; reference:
+    at most 256 windows of the sampling text; session 4 used all of them and a 1e-8 floor)."""
+    f = scorer.features()
+    return {"mean_distance": f["mean_distance"], "auroc_feature_distance": f["auroc"],
+            "n_reference_windows": f["n_reference_windows"]}
 
 
 def spearman(a, b) -> float:
@@ -251,7 +235,7 @@ def main() -> None:
         record("frequency", "default", frequency_analysis(B.Scorer(model, all_texts), B.ensemble_states(out),
                                                           B.SHAKESPEARE / B.SAMPLING_TEXT))
     if "4" in args.parts and ("features", "start") not in have:
-        record("features", "start", feature_distance(B.Scorer(model, all_texts), B.SHAKESPEARE / B.SAMPLING_TEXT))
+        record("features", "start", feature_distance(B.Scorer(model, all_texts)))
 
 
 if __name__ == "__main__":

@@ -142,6 +142,10 @@ def run_demo(work: Path, *, steps: int | None = None, overwrite: bool = False, s
     print(f"      calibration: ECE {s['ece_top1']:.4f}, top-1 accuracy {s['accuracy_top1']:.3f}")
     print(f"      epistemic uncertainty: held-out {s['mean_epistemic']:.4f}, out-of-distribution "
           f"{s['mean_epistemic_ood']:.4f} nats; AUROC(OOD vs in) {s['auroc_ood_epistemic']:.3f}")
+    if "auroc_ood_feature" in s:  # the starting checkpoint's features against the training text's
+        print(f"      feature distance from the training text: AUROC(OOD vs in) {s['auroc_ood_feature']:.3f}")
+    if s.get("epistemic_note"):
+        print(f"      note: {s['epistemic_note']}")
     out = (work / "evaluation").resolve()
     print(f"done. Everything is in {work.resolve()}:")
     print(f"      starting checkpoint  {Path(model_dir).resolve()}")

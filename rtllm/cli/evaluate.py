@@ -24,7 +24,12 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     a("--ensemble", required=True, help="output directory of a sampling run (ensemble.json)")
     a("--data", nargs="+", required=True, help="in-distribution text: files or directories")
     a("--ood", nargs="+", help="out-of-distribution text, for the OOD AUROCs")
-    a("--baseline", help="starting checkpoint directory, for its per-token NLL")
+    a("--baseline", help="starting checkpoint directory, for its per-token NLL (and the model whose "
+      "features the feature distance compares)")
+    a("--reference", nargs="+", metavar="TEXT", help="the text the model was trained or sampled on "
+      "(files or directories), for the feature-distance OOD score: how far each window is from it in "
+      "the features of the baseline, else of the first sample (summary: auroc_ood_feature; default: "
+      "the run's training texts recorded in ensemble.json, when they exist here; 'none': no score)")
     a("--seq-len", type=int, help="tokens per window (default: the model's context, <= 1024)")
     a("--max-samples", type=int, help="evaluate that many samples, evenly spaced")
     a("--max-memory", type=_bytes,
@@ -71,11 +76,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   max_memory=args.max_memory, mask_heldout_above=args.mask_heldout_above,
                   include_masked=args.include_masked, device=args.device, encoding=args.encoding,
                   recompute=args.recompute, offload=args.offload, offload_host=args.offload_host,
-                  offload_dir=args.offload_dir)
+                  offload_dir=args.offload_dir,
+                  reference=None if args.reference is None else tuple(args.reference))
     done = run_job(job, say=lambda m: print(f"rtllm evaluate: {m}", file=sys.stderr))
     for key, value in done.summary.items():
-        if isinstance(value, dict):  # the stationarity verdict: its message below
+        if isinstance(value, dict) or key == "epistemic_note":  # the verdict, the note: below
             continue
+        if isinstance(value, list):
+            value = ", ".join(map(str, value))
         print(f"{key:>22}  {value:.4f}" if isinstance(value, float) else f"{key:>22}  {value}")
     if done.summary_unmasked is not None:
         for key in ("nll_bma", "mean_epistemic", "ece_top1"):
@@ -88,8 +96,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         fmt = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
         print(f"{'probe tau (median)':>22}  {fmt(diag['tau_median_steps'])} steps; converged "
               f"fraction {fmt(diag['fraction_converged'])}; split R-hat max {fmt(diag['rhat_max'])}")
+    if done.feature_missing:
+        print(f"rtllm evaluate: {done.feature_missing}", file=sys.stderr)
     if done.summary.get("stationarity"):
         print(done.summary["stationarity"]["message"])
+    if done.summary.get("epistemic_note"):
+        print(f"note: {done.summary['epistemic_note']}")
     chains = done.summary.get("chains")
     if chains is not None:
         print(f"{'epistemic by chain':>22}  within {chains['mean_within']:.4f}, between "

@@ -119,7 +119,7 @@ def generation_html(gen: Generation) -> str:
                         vmax=_fmt(vmaxes[0]), half=_fmt(vmaxes[0] / 2), pct=_fmt(COLOR_PERCENTILE),
                         sections=section, scales=scales, title="Generated text and its uncertainty",
                         inputs=f"<p>{gen.n_samples} samples; the prompt in grey, then the continuation.</p>",
-                        shown="every token is shown below", n_id=len(gen.tokens), n_ood=0)
+                        shown="every token is shown below", n_id=len(gen.tokens), n_ood=0, note="")
     return page.replace("</style>", ".prompt { color: #777; }\n</style>")
 
 

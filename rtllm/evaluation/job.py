@@ -20,7 +20,9 @@ class EvalJob:
     settings can change the numbers and is part of the fingerprint (those change only how they
     are computed). offload: bytes of each sample on the device, the rest dispatched to host
     memory (offload_host bytes, None: what is free) and disk (offload_dir, None: a temporary
-    directory); see rtllm.evaluation.offload."""
+    directory); see rtllm.evaluation.offload. reference: the text the model was trained or
+    sampled on, for the feature-distance OOD score (None: the run's training texts recorded in
+    ensemble.json when they exist here; (): none; rtllm.evaluation.feature_distance)."""
 
     ensemble: str
     data: tuple[str, ...]
@@ -38,6 +40,7 @@ class EvalJob:
     offload: int | None = None
     offload_host: int | None = None
     offload_dir: str | None = None
+    reference: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -53,6 +56,7 @@ class EvalOutcome:
     paths: dict[str, Path]
     reused: bool
     summary_unmasked: dict | None = None
+    feature_missing: str | None = None  # why there is no feature-distance score, what to do
     diagnostics: dict | None = None
     diagnostics_missing: str | None = None  # why there are none (no sampling log)
     inputs: dict = field(default_factory=dict)
@@ -64,11 +68,21 @@ def run_job(job: EvalJob, say: Callable[[str], None] = lambda m: None) -> EvalOu
 
     out = Path(job.out)
     publish.check_out_dir(out)
-    texts, ood = _texts(job.data), _texts(job.ood)
+    texts, ood = _texts(job.data, job.encoding), _texts(job.ood, job.encoding)
+    from rtllm.evaluation.feature_distance import ReferenceChoice, resolve_reference
+
+    ref = resolve_reference(job.ensemble, job.reference)  # evaluate() resolves it alike
+    try:
+        reference = _texts(ref.paths or (), ref.text_encoding(job.encoding))
+    except ValueError as err:  # a text the user named is refused; the manifest's is skipped
+        if ref.source != "manifest":
+            raise
+        ref, reference = ReferenceChoice(None, "missing", f"no feature-distance score: {err}"), {}
     options = {"seq_len": job.seq_len, "max_samples": job.max_samples, "include_masked": job.include_masked,
                "mask_heldout_above": job.mask_heldout_above, "encoding": job.encoding}
     digest, inputs = publish.fingerprint(Path(job.ensemble), texts, ood,
-                                         Path(job.baseline) if job.baseline else None, options)
+                                         Path(job.baseline) if job.baseline else None, options,
+                                         reference=reference)
     inputs = {"ensemble": str(Path(job.ensemble).resolve()), "model": _model_of(Path(job.ensemble)),
               "baseline_dir": str(Path(job.baseline).resolve()) if job.baseline else None, **inputs}
     done = None if job.recompute else publish.completed(out, digest)
@@ -78,7 +92,7 @@ def run_job(job: EvalJob, say: Callable[[str], None] = lambda m: None) -> EvalOu
         read = lambda name: json.loads((out / name).read_text()) if (out / name).is_file() else None  # noqa: E731
         return EvalOutcome(summary=read("summary.json"), paths={p.stem: p for p in done}, reused=True,
                            summary_unmasked=read("summary_unmasked.json"), diagnostics=read("diagnostics.json"),
-                           inputs=inputs)
+                           inputs=inputs, feature_missing=ref.note)
     created_out = not out.exists()
     staging = publish.begin(out)
     try:
@@ -102,8 +116,8 @@ def _model_of(ensemble_dir: Path) -> str | None:
     return model if isinstance(model, str) else None  # as the run was given it
 
 
-def _texts(paths: Sequence[str]) -> dict[str, str]:
-    return {str(p.resolve()): text for p, text in read_texts(paths)} if paths else {}
+def _texts(paths: Sequence[str], encoding: str | None = None) -> dict[str, str]:
+    return {str(p.resolve()): text for p, text in read_texts(paths, encoding)} if paths else {}
 
 
 def _evaluate_into(job: EvalJob, staging: Path, inputs: dict, say: Callable[[str], None]) -> EvalOutcome:
@@ -128,15 +142,18 @@ def _evaluate_offloaded(job: EvalJob, staging: Path, inputs: dict, say: Callable
     from rtllm.evaluation.streaming import evaluate, write_evaluation
     from rtllm.store.manifest import atomic_write_json
 
-    def run(masking: bool, ensemble: str | Path = job.ensemble):
+    def run(masking: bool, ensemble: str | Path = job.ensemble, features: bool = False):
+        # The feature distance once, for the headline summary (a chain's or the unmasked
+        # summary would repeat the same model's features or those of another first sample).
         return evaluate(ensemble, list(job.data), ood_texts=list(job.ood) or None, baseline=job.baseline,
+                        reference=("manifest" if job.reference is None else list(job.reference)) if features else None,
                         seq_len=job.seq_len, max_samples=job.max_samples, max_memory=job.max_memory,
                         mask="manifest" if masking else None,
                         mask_heldout_above=job.mask_heldout_above if masking else None,
                         device=job.device, encoding=job.encoding, progress=say,
                         offload=offload, offload_dir=offload_dir)
 
-    result = run(masking=not job.include_masked)
+    result = run(masking=not job.include_masked, features=True)
     try:  # the chains' stationarity verdict, the same one `rtllm sample` prints at its end
         result.summary["stationarity"] = stationarity(job.ensemble).to_json()
     except (ValueError, FileNotFoundError) as err:  # no sampling log next to the samples
@@ -146,7 +163,8 @@ def _evaluate_offloaded(job: EvalJob, staging: Path, inputs: dict, say: Callable
         result.summary["chains"] = chains
     say("writing tokens.jsonl, summary.json and the reports")
     write_evaluation(result, staging, context=inputs)
-    outcome = EvalOutcome(summary=result.summary, paths={}, reused=False, inputs=inputs)
+    outcome = EvalOutcome(summary=result.summary, paths={}, reused=False, inputs=inputs,
+                          feature_missing=result.feature_note)
     if result.summary["n_samples_masked"]:
         # Masked samples are reported, and the headline numbers shown with them too.
         say(f"again with the {result.summary['n_samples_masked']} masked samples, for summary_unmasked.json")

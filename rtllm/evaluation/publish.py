@@ -108,15 +108,17 @@ def _file_id(path: Path) -> str:
 
 
 def fingerprint(ensemble_dir: Path, texts: dict[str, str], ood_texts: dict[str, str],
-                baseline: Path | None, options: dict) -> tuple[str, dict]:
+                baseline: Path | None, options: dict, *, reference: dict[str, str] | None = None
+                ) -> tuple[str, dict]:
     """A hash of everything the evaluation's numbers depend on, and its readable parts. Texts
-    (path -> text) and the manifest (which holds every sample's sha256) by content, the
+    (path -> text; also the feature distance's `reference`) and the manifest (which holds every sample's sha256) by content, the
     baseline's files by `_file_id`."""
     text_hash = lambda t: hashlib.sha256(t.encode()).hexdigest()  # noqa: E731
     inputs = {
         "manifest_sha256": sha256_file(Path(ensemble_dir) / "ensemble.json"),
         "texts": {p: text_hash(t) for p, t in texts.items()},
         "ood_texts": {p: text_hash(t) for p, t in ood_texts.items()},
+        "reference_texts": {p: text_hash(t) for p, t in (reference or {}).items()},
         "baseline": None if baseline is None else {
             p.name: _file_id(p) for p in sorted(Path(baseline).iterdir()) if p.is_file()},
         "options": options, "rtllm_version": rtllm_version(),

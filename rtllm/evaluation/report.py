@@ -268,7 +268,9 @@ def tokens_html(t: dict[str, np.ndarray], summary: dict, max_tokens: int = MAX_T
     return _PAGE.format(rgb=rgb, max_alpha=SHADE_MAX_ALPHA, summary=summary_html(summary), options=options,
                         vmax=_fmt(vmaxes[0]), half=_fmt(vmaxes[0] / 2), pct=_fmt(COLOR_PERCENTILE),
                         sections="".join(sections), scales=scales, title=html.escape(headline(context)),
-                        inputs=inputs_html(context), shown=shown, n_id=n_id, n_ood=n_ood)
+                        inputs=inputs_html(context), shown=shown, n_id=n_id, n_ood=n_ood,
+                        note=f'<p class="warn">{html.escape(summary["epistemic_note"])}</p>'
+                        if summary.get("epistemic_note") else "")
 
 
 _PAGE = """<!DOCTYPE html>
@@ -296,6 +298,7 @@ table.inputs th {{ text-align: left; padding-right: 1em; font-weight: normal; co
 .t:empty::after {{ content: "\\2205"; color: #aaa; }}
 .nl, .ctl {{ color: #999; }}
 .note {{ color: #a33; }}
+.warn {{ background: #fff3e0; border-left: 4px solid #e69500; padding: 4px 8px; }}
 #info {{ position: fixed; right: 1em; bottom: 1em; background: #fffbe8; border: 1px solid #ccb;
   padding: 4px 8px; white-space: pre; font: 12px ui-monospace, monospace; min-width: 18em; }}
 </style></head>
@@ -307,6 +310,7 @@ tokens before it (in its window); hover a token for all its numbers. {n_id} in-d
 {n_ood} out-of-distribution tokens were scored; {shown}. A dotted line marks where a new
 window starts (its first prediction has one token of context).</p>
 <h2>Summary</h2>
+{note}
 <table class="summary">{summary}</table>
 <div class="legend">
   <label>shade by <select id="q">{options}</select></label>

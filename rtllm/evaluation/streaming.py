@@ -14,7 +14,8 @@ chunk's running BMA mean `[tokens, vocab]` fp32 plus one sample's logits `[token
 remaining 1/8 bounds the fp64 row blocks of the reductions. Not counted: the model's weights
 (on CUDA twice: the next sample is staged on the device while the current one runs), the
 forward's activations, and the starting checkpoint when `baseline` is given (evaluated in a
-pass of its own before the samples, then freed).
+pass of its own before the samples, then freed). The feature-distance score
+(rtllm.evaluation.feature_distance) is one more forward of that model, or of the first sample.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from rtllm.evaluation import metrics
+from rtllm.evaluation import feature_distance, metrics
+from rtllm.evaluation.report_summary import epistemic_note
 from rtllm.lm.data import context_length, pack, read_texts, tokenize_texts
 from rtllm.evaluation.offload import OffloadedLoader, PieceSize, dispatch_offloaded, forward_in_pieces
 from rtllm.store.ensemble import Ensemble
@@ -50,6 +52,7 @@ class EvalResult:
     samples: list[dict]  # manifest entries of the samples used, each with its normalized "weight"
     seq_len: int
     first_tokens: dict | None = None  # {"in": text, "ood": text}: the tokens nothing predicts
+    feature_note: str | None = None  # why there is no feature-distance score, and what to do
 
 
 def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
@@ -61,7 +64,7 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
              mask_heldout_above: float | None = None, device: str | torch.device = "cpu",
              progress: Callable[[str], None] | None = None,
              encoding: str | None = None, offload: dict | None = None,
-             offload_dir: str | Path | None = None) -> EvalResult:
+             offload_dir: str | Path | None = None, reference="manifest") -> EvalResult:
     """Per-token BMA metrics of the ensemble in `ensemble_dir` on `texts` (files/directories).
 
     `ood_texts`: out-of-distribution texts, scored too (is_ood) and used for the OOD AUROCs.
@@ -104,6 +107,9 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
     base_model = None if baseline is None else load_baseline(baseline, tokenizer, ensemble.out_dir)
     windows, is_ood_w, seq_len = make_windows(tokenizer, texts, ood_texts, seq_len,
                                               context_length(config), encoding=encoding)
+    ref, ref_windows, feature_note = feature_distance.prepare(ensemble.out_dir, reference, tokenizer,
+                                                              seq_len, encoding)
+    features: dict = {}
     logit_bytes = max(4, torch.finfo(dtype).bits // 8)
     per_chunk = windows_per_chunk(budget, seq_len, vocab, logit_bytes)
     block_bytes = max(1, budget // 8)
@@ -117,8 +123,13 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
         if offload is not None:  # dispatched as the samples are
             base_model = dispatch_offloaded(base_model.to(dtype).eval(), offload,
                                             None if offload_dir is None else Path(offload_dir) / "baseline")
+        else:
+            base_model = base_model.to(device, _compute_dtype(base_model.dtype, device)).eval()
         nll_base = baseline_nll(base_model, windows, chunks, device, block_bytes,
                                 show_progress=progress is not None)
+        if ref_windows is not None:
+            features = {**feature_distance.score(base_model, windows, ref_windows, is_ood_w, device),
+                        "feature_model": "baseline"}
         base_model = None
         if offload is not None and offload_dir is not None:
             shutil.rmtree(Path(offload_dir) / "baseline", ignore_errors=True)
@@ -131,6 +142,9 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
         loader = SampleLoader(ensemble, plan, model.to(device).eval(), device, loaded=used[0]["index"])
     else:
         loader = OffloadedLoader(ensemble, plan, dtype, offload, offload_dir, loaded=used[0]["index"])
+    if ref_windows is not None and not features:  # the first sample's features, before it is replaced
+        features = {**feature_distance.score(loader.model, windows, ref_windows, is_ood_w, device),
+                    "feature_model": f"sample {used[0]['index']}"}
     parts, pieces = [], PieceSize(FORWARD_WINDOWS)
     bar = Progress(len(chunks) * len(used), "evaluate", unit="sample pass", enabled=progress is not None)
     try:
@@ -174,11 +188,16 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
     summary.update({"n_samples_used": len(used), "n_samples_masked": n_masked,
                     "seq_len": seq_len, "n_windows": int((~is_ood_w).sum()),
                     "n_windows_ood": int(is_ood_w.sum())})
+    if features:
+        summary.update(features, feature_reference=[Path(p).name for p in ref.paths])
+    if (note := epistemic_note(summary)) is not None:
+        summary["epistemic_note"] = note
     first_ood = int(np.argmax(is_ood_w)) if is_ood_w.any() else None
     first = {"in": tokenizer.decode([int(windows[0, 0])])}
     if first_ood is not None:
         first["ood"] = tokenizer.decode([int(windows[first_ood, 0])])
-    return EvalResult(table=table, summary=summary, samples=used, seq_len=seq_len, first_tokens=first)
+    return EvalResult(table=table, summary=summary, samples=used, seq_len=seq_len, first_tokens=first,
+                      feature_note=feature_note)
 
 
 # -- inputs -----------------------------------------------------------------------------------

@@ -62,3 +62,24 @@ def test_scorer_nll_matches_the_model_and_mi_needs_disagreement(tmp_path, tiny_m
     assert np.mean(np.array(two["windows"]["epistemic"])[labels == "id"]) == pytest.approx(two["mean_epistemic_id"])
     # the scorer leaves its model at the start
     assert all(torch.equal(v, start[k]) for k, v in scorer.model.state_dict().items())
+
+
+def test_feature_column_merged_from_features_jsonl(tmp_path):
+    import json
+
+    pairs = {"gpl3": {"auroc_epistemic": 0.4, "auroc_total": 0.9}, "python": {"auroc_epistemic": 0.9, "auroc_total": 0.8}}
+    base = {"size": "M", "setting": "own", "ece": 0.01, "gradients": 240, "n_samples": 10, "nll_bma": 5.0, "pairs": pairs}
+    rows = [{**base, "pipeline": "start"}, {**base, "pipeline": "default"}, {**base, "pipeline": "sgld"}]
+    feature = lambda g, p: {"auroc": {"gpl3": g, "python": p}}  # noqa: E731
+    (tmp_path / "features.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"size": "M", "setting": "own", "pipeline": "start", "feature": {"baseline": feature(0.83, 0.88)}},
+        {"size": "M", "setting": "own", "pipeline": "default",
+         "feature": {"baseline": feature(0.83, 0.88), "first sample": feature(0.86, 0.87)}})) + "\n")
+    merged = B.with_features(rows, [tmp_path / "features.jsonl", tmp_path / "absent.jsonl"])
+    assert "feature" not in merged[2] and merged[1]["feature"]["first sample"]["auroc"]["gpl3"] == 0.86
+    lines = B.table(merged).splitlines()
+    assert "feature AUROC gpl3 / python: baseline; first sample |" in lines[0]
+    assert len({line.count("|") for line in lines}) == 1
+    assert lines[2].endswith("| 0.83 / 0.88 |") and lines[3].endswith("| 0.83 / 0.88; 0.86 / 0.87 |")
+    assert lines[4].endswith("| n/a |")
+    assert "feature" not in B.table(rows).splitlines()[0]  # no features: the session-4 table
