@@ -54,6 +54,9 @@ def setup() -> None:
         sys.exit("could not install rtllm: see the pip output above")
 
 
+PARALLEL = ("--numprocesses=auto", "--maxprocesses=4", "--dist=loadscope")
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("test", "demo"):
         print(__doc__)
@@ -64,7 +67,10 @@ def main(argv: list[str]) -> int:
         # The pytest launcher (not `python -m pytest`) keeps the repository root off sys.path,
         # so the installed package, with rtllm.kernels mapped from kernels/, is what gets imported.
         # --durations=15: the slowest tests are always in view, so a slow one is noticed.
-        return _run([BIN / "pytest", "--durations=15", *rest], cwd=ROOT)
+        # pytest-xdist: one worker per core (at most 4), each test file on one worker (its module
+        # fixtures built once); the workers use one torch thread each (tests/conftest.py). On 2
+        # cores this takes ~0.6x the time of one process (docs/benchmarks.md, issue 16).
+        return _run([BIN / "pytest", "--durations=15", *PARALLEL, *rest], cwd=ROOT)
     return _run([BIN / "rtllm", "demo", *rest], cwd=ROOT)
 
 
