@@ -20,7 +20,8 @@ how often the model read the input tokens, so OOD text made of the training text
 the training text's spread; the distance of the features does not depend on the spread.
 It is the features of one model, not the posterior's: it says how new the text is to the
 model, not how much the samples disagree about it. Cost: one forward of one model over the
-evaluated windows and the reference windows. Only the summary is kept (mean distances, the
+reference windows, and over the evaluated windows unless the baseline's NLL pass gives their
+features (`CapturedFeatures`, a hook on that pass). Only the summary is kept (mean distances, the
 AUROC): tokens.jsonl is per token and the score is a window's, so no per-window file is written.
 """
 from __future__ import annotations
@@ -150,6 +151,23 @@ def window_features(model, windows: torch.Tensor, device: torch.device, pieces=N
         if dispatched:
             handle.remove()
     return out
+
+
+class CapturedFeatures:
+    """Window features of forwards that run anyway (the baseline's NLL pass): a hook on the base
+    model keeps each forward's mean final hidden state `[windows, hidden]`, in call order;
+    `close()` removes the hook and returns them `[W, hidden]` float64 on the CPU."""
+
+    def __init__(self, model) -> None:
+        self._parts: list[torch.Tensor] = []
+        self._handle = model.base_model.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, out) -> None:
+        self._parts.append(out[0].mean(1, dtype=torch.float32).cpu().double())
+
+    def close(self) -> torch.Tensor:
+        self._handle.remove()
+        return torch.cat(self._parts) if self._parts else torch.empty(0, dtype=torch.float64)
 
 
 def fit(reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

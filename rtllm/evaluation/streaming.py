@@ -125,10 +125,14 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
                                             None if offload_dir is None else Path(offload_dir) / "baseline")
         else:
             base_model = base_model.to(device, _compute_dtype(base_model.dtype, device)).eval()
+        # With a reference, the NLL pass also yields the evaluated windows' features (a hook).
+        capture = feature_distance.CapturedFeatures(base_model) if ref_windows is not None else None
         nll_base = baseline_nll(base_model, windows, chunks, device, block_bytes,
                                 show_progress=progress is not None)
-        if ref_windows is not None:
-            features = {**feature_distance.score(base_model, windows, ref_windows, is_ood_w, device),
+        if capture is not None:
+            evaluated = capture.close()
+            reference_features = feature_distance.window_features(base_model, ref_windows, device)
+            features = {**feature_distance.feature_summary(reference_features, evaluated, is_ood_w),
                         "feature_model": "baseline"}
         base_model = None
         if offload is not None and offload_dir is not None:

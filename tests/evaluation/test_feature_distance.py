@@ -18,7 +18,7 @@ from rtllm.evaluation import job as job_module
 from rtllm.evaluation.job import EvalJob, run_job
 from rtllm.evaluation.report import tokens_html
 from rtllm.evaluation.report_summary import epistemic_note, summary_html
-from rtllm.evaluation.streaming import evaluate
+from rtllm.evaluation.streaming import evaluate, make_windows
 from rtllm.lm.data import pack, tokenize_texts
 from rtllm.store.writer import SampleWriter, copy_tokenizer
 
@@ -113,6 +113,13 @@ def test_evaluate_reports_the_feature_score_and_the_job_fingerprints_its_referen
     with_base = evaluate(setup["ens"], [setup["data"]], ood_texts=[setup["ood"]], seq_len=SEQ_LEN,
                          baseline=setup["base"], reference=[setup["train"]], max_samples=1)
     assert with_base.summary["feature_model"] == "baseline"
+    # The baseline's features come from its NLL pass (a hook): as from a forward of their own.
+    tok = AutoTokenizer.from_pretrained(setup["base"])
+    windows, is_ood, _ = make_windows(tok, [setup["data"]], [setup["ood"]], SEQ_LEN, 64)
+    own = fd.score(AutoModelForCausalLM.from_pretrained(setup["base"]).eval(), windows,
+                   fd.reference_windows(tok, [setup["train"]], SEQ_LEN), is_ood, torch.device("cpu"))
+    for key in ("mean_feature_distance", "mean_feature_distance_ood", "auroc_ood_feature"):
+        assert with_base.summary[key] == pytest.approx(own[key], rel=1e-5), key
     off = evaluate(setup["ens"], [setup["data"]], ood_texts=[setup["ood"]], seq_len=SEQ_LEN, reference=None)
     assert not any("feature" in k for k in off.summary)
 
