@@ -247,6 +247,7 @@ def pretrain(
     batch_size: int = 8,
     lr: float = 2e-3,
     activation: str = "gelu_pytorch_tanh",
+    attention_dropout: float = 0.0,
     seed: int = 0,
     overwrite: bool = False,
     log: Callable[[str], None] | None = print,
@@ -258,7 +259,9 @@ def pretrain(
     per token, dropout off) go to `log` and to `rtllm_pretrain.json` in `out_dir`.
     Deterministic for a given seed on a given machine and thread count. `activation`: GPT-2's tanh
     GELU as torch's fused kernel (the same function as GPT-2's "gelu_new", which transformers spells
-    out in five elementwise ops): forward+backward 20-30% faster on CPU.
+    out in five elementwise ops): forward+backward 20-30% faster on CPU. `attention_dropout`:
+    GPT-2's is 0.1; at 0 (the embedding and residual dropout stay 0.1) torch's fused attention
+    runs and there are no attention masks to draw: a step ~20% faster on CPU.
     """
     out_dir = Path(out_dir)
     say = log or (lambda _msg: None)
@@ -283,7 +286,7 @@ def pretrain(
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=seq_len, n_embd=n_embd, n_layer=n_layer,
         n_head=n_head, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        activation_function=activation,
+        activation_function=activation, attn_pdrop=attention_dropout,
     )
     with _deterministic(seed):
         model = GPT2LMHeadModel(config)
