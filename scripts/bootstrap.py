@@ -1,6 +1,6 @@
 """One-command set-up: make .venv, install rtllm with its test extras, then run a job.
 
-    python3 scripts/bootstrap.py test   [pytest args...]   # set up, then run the test suite (--durations=15)
+    python3 scripts/bootstrap.py test   [pytest args...]   # set up, then run the test suite (--durations=15, a worker per core)
     python3 scripts/bootstrap.py test -m slow              # the long statistical tests and the full demo
     python3 scripts/bootstrap.py demo   [demo args...]     # set up, then run the built-in demo
 
