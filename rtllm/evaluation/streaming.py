@@ -15,7 +15,9 @@ remaining 1/8 bounds the fp64 row blocks of the reductions. Not counted: the mod
 (on CUDA twice: the next sample is staged on the device while the current one runs), the
 forward's activations, and the starting checkpoint when `baseline` is given (evaluated in a
 pass of its own before the samples, then freed). The feature-distance score
-(rtllm.evaluation.feature_distance) is one more forward of that model, or of the first sample.
+(rtllm.evaluation.feature_distance) adds one forward over the reference windows, of that model
+(whose NLL pass also gives the evaluated windows' features), or of the first sample (which then
+runs over the evaluated windows once more).
 """
 from __future__ import annotations
 
@@ -123,8 +125,6 @@ def evaluate(ensemble_dir: str | Path, texts: Sequence[str | Path], *,
         if offload is not None:  # dispatched as the samples are
             base_model = dispatch_offloaded(base_model.to(dtype).eval(), offload,
                                             None if offload_dir is None else Path(offload_dir) / "baseline")
-        else:
-            base_model = base_model.to(device, _compute_dtype(base_model.dtype, device)).eval()
         # With a reference, the NLL pass also yields the evaluated windows' features (a hook).
         capture = feature_distance.CapturedFeatures(base_model) if ref_windows is not None else None
         nll_base = baseline_nll(base_model, windows, chunks, device, block_bytes,
