@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
     job, rest = argv[0], argv[1:]
     if job == "test":
         # The pytest launcher (not `python -m pytest`) keeps the repository root off sys.path,
-        # so the installed package, with rtllm.kernels mapped from kernels/, is what gets imported.
+        # so the installed package is what gets imported.
         # --durations=15: the slowest tests are always in view, so a slow one is noticed.
         # pytest-xdist: one worker per core (at most 4), each test file on one worker (its module
         # fixtures built once); the workers use one torch thread each (tests/conftest.py). On 2

@@ -13,7 +13,6 @@ import pytest
 from repo_paths import REPO
 
 PACKAGE = REPO / "rtllm"
-KERNELS = REPO / "kernels"  # installed as rtllm.kernels
 
 # The layers of docs/architecture.md, top to bottom: a room may import rooms of lower layers
 # only (and itself). Rooms of one layer do not import each other.
@@ -26,9 +25,6 @@ def _module_files() -> dict[str, Path]:
     for path in PACKAGE.rglob("*.py"):
         parts = path.relative_to(REPO).with_suffix("").parts
         files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    for path in KERNELS.glob("*.py"):
-        name = "rtllm.kernels" + ("" if path.stem == "__init__" else f".{path.stem}")
-        files[name] = path
     return files
 
 
@@ -138,9 +134,19 @@ def test_nothing_outside_the_cli_imports_it():
 
 
 def test_every_room_says_what_it_is_for_and_what_it_may_import():
-    for name in sorted({f"rtllm.{room(m)}" for m in MODULES if room(m) and room(m) != "kernels"}):
+    for name in sorted({f"rtllm.{room(m)}" for m in MODULES if room(m)}):
         doc = ast.get_docstring(ast.parse(MODULES[name].read_text())) or ""
         assert "May import" in doc, f"{name}/__init__.py: say what the room is for and what it may import"
+
+
+def test_no_package_in_the_repository_root_shadows_an_installed_one():
+    # transformers >= 5.25 imports the PyPI package `kernels`; a `kernels/` package in the root
+    # took its place in every Python started there and every GPT-2 load failed (docs/architecture.md).
+    probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else '')"
+    found = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert not Path(found.stdout.strip()).is_relative_to(REPO / "kernels"), "a root kernels/ shadows PyPI's"
+    packages = sorted(d.name for d in REPO.iterdir() if (d / "__init__.py").is_file())
+    assert packages == ["rtllm"], f"packages in the repository root besides rtllm: {packages}"
 
 
 @pytest.mark.parametrize("module", ["rtllm.samplers", "rtllm.state"])

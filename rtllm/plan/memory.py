@@ -319,7 +319,7 @@ def kernel_partials_bytes(shards, backend: str, *, cuda: bool = False) -> int:
     triton: one reduce launch per kind of shard (rtllm.state.segment_launch; the kind is
     offset % 4 here, the sampled parameters sharing their dtypes): [blocks, 6] fp32 partials over
     the kind's shards and their float64 copy for the per-shard sums, a block being BLOCK global
-    elements aligned to the Philox quad grid (kernels/triton_segments.py). torch: the per-task
+    elements aligned to the Philox quad grid (rtllm/kernels/triton_segments.py). torch: the per-task
     [pieces, 6] fp32 stacks and their concatenation, a piece being the shard's part of one CHUNK
     of the global index.
     """

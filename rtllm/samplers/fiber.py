@@ -23,7 +23,7 @@ import torch
 from rtllm.samplers import rules
 from rtllm.samplers.optimizers import FlatSampler
 
-# Philox stream of the drift directions (0: initial velocity, 1: refresh noise; kernels/philox.py).
+# Philox stream of the drift directions (0: initial velocity, 1: refresh noise; rtllm/kernels/philox.py).
 STREAM_FIBER_DRIFT = 2
 
 

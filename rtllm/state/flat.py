@@ -18,7 +18,7 @@ copy and binds parameters and gradients as `build_group` does for ordinary param
 Layouts (rtllm.state.layouts): "fp32" is the above. "fp32-split" (bf16 models only) keeps the same
 fp32 position as two 16-bit planes: x is the bf16 high plane, which is also the compute copy the
 parameters view (so there is no second copy: 10 instead of 12 bytes/parameter), and x_lo the
-int16 low plane (kernels/reference.py: split_fp32); meta parameters become views of the high
+int16 low plane (rtllm/kernels/reference.py: split_fp32); meta parameters become views of the high
 plane. `Shard.position()` / `set_position()` read and write the fp32 position in any layout.
 """
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 `philox` and `reference` need only torch; the Triton launchers (`reduce_sums`, `fused_update_`)
 are imported on first access so this package imports where Triton is missing.
+
+May import: torch, triton. The bottom room: imports no other part of rtllm.
 """
 
 from .philox import STREAM_INIT, STREAM_REFRESH, philox_normals
