@@ -59,6 +59,14 @@ class ReferenceChoice:
         return self.encoding if self.source == "manifest" else evaluation_encoding
 
 
+def skipped(ref: ReferenceChoice, err: ValueError) -> str:
+    """Why there is no feature score when `ref`'s texts cannot serve (unreadable, too short): a
+    text the user named is refused (raises `err`); the manifest's is skipped with this reason."""
+    if ref.source != "manifest":
+        raise err
+    return f"no feature-distance score: {err}"
+
+
 def resolve_reference(ensemble_dir: str | Path, reference) -> ReferenceChoice:
     """`reference`: "manifest" or None (the run's training texts, config["train"] of
     ensemble.json, when they exist here), () or ["none"] (no feature score), or paths."""
@@ -116,9 +124,7 @@ def prepare(ensemble_dir: str | Path, reference, tokenizer, seq_len: int, encodi
     try:
         return ref, reference_windows(tokenizer, ref.paths, seq_len, encoding=ref.text_encoding(encoding)), None
     except ValueError as err:
-        if ref.source != "manifest":
-            raise
-        return ref, None, f"no feature-distance score: {err}"
+        return ref, None, skipped(ref, err)
 
 
 def window_features(model, windows: torch.Tensor, device: torch.device, pieces=None) -> torch.Tensor:
@@ -127,7 +133,7 @@ def window_features(model, windows: torch.Tensor, device: torch.device, pieces=N
     model's output taken by a hook (its offload hooks sit on the modules accelerate chose)."""
     from rtllm.evaluation.offload import PieceSize, forward_in_pieces
 
-    pieces = pieces or PieceSize(32)
+    pieces = pieces or PieceSize()
     dispatched = getattr(model, "hf_device_map", None) is not None
     captured: list[torch.Tensor] = []
     if dispatched:

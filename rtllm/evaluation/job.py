@@ -69,15 +69,13 @@ def run_job(job: EvalJob, say: Callable[[str], None] = lambda m: None) -> EvalOu
     out = Path(job.out)
     publish.check_out_dir(out)
     texts, ood = _texts(job.data, job.encoding), _texts(job.ood, job.encoding)
-    from rtllm.evaluation.feature_distance import ReferenceChoice, resolve_reference
+    from rtllm.evaluation.feature_distance import ReferenceChoice, resolve_reference, skipped
 
     ref = resolve_reference(job.ensemble, job.reference)  # evaluate() resolves it alike
     try:
         reference = _texts(ref.paths or (), ref.text_encoding(job.encoding))
-    except ValueError as err:  # a text the user named is refused; the manifest's is skipped
-        if ref.source != "manifest":
-            raise
-        ref, reference = ReferenceChoice(None, "missing", f"no feature-distance score: {err}"), {}
+    except ValueError as err:
+        ref, reference = ReferenceChoice(None, "missing", skipped(ref, err)), {}
     options = {"seq_len": job.seq_len, "max_samples": job.max_samples, "include_masked": job.include_masked,
                "mask_heldout_above": job.mask_heldout_above, "encoding": job.encoding}
     digest, inputs = publish.fingerprint(Path(job.ensemble), texts, ood,

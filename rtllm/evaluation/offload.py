@@ -119,11 +119,14 @@ class OffloadedLoader:
         self._drop()
 
 
+FORWARD_WINDOWS = 32  # windows per forward pass, until a forward runs out of memory
+
+
 @dataclass
 class PieceSize:
     """Windows per forward; lowered for good when a forward runs out of memory."""
 
-    windows: int
+    windows: int = FORWARD_WINDOWS
 
 
 def forward_in_pieces(forward: Callable[[Tensor], Tensor], inputs: Tensor,

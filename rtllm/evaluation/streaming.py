@@ -34,7 +34,8 @@ import torch
 from rtllm.evaluation import feature_distance, metrics
 from rtllm.evaluation.report_summary import epistemic_note
 from rtllm.lm.data import context_length, pack, read_texts, tokenize_texts
-from rtllm.evaluation.offload import OffloadedLoader, PieceSize, dispatch_offloaded, forward_in_pieces
+from rtllm.evaluation.offload import (FORWARD_WINDOWS, OffloadedLoader, PieceSize, dispatch_offloaded,
+                                      forward_in_pieces)
 from rtllm.store.ensemble import Ensemble
 from rtllm.evaluation.metrics import TOKEN_TABLE_KEYS, TokenTable, write_token_table  # noqa: F401 (API)
 from rtllm.lm.model_io import load_tokenizer, resolve_device
@@ -43,7 +44,6 @@ from rtllm.state.progress import Progress
 DEFAULT_MAX_MEMORY = 1 << 30
 DEFAULT_MAX_SEQ_LEN = 1024  # cap of the default window: attention cost grows with T^2
 # Tokenized by both tokenizers when a baseline is given: ASCII, digits, whitespace, non-ASCII.
-FORWARD_WINDOWS = 32  # windows per forward pass inside a chunk
 PROBE_TEXT = "The quick brown fox, 1234 times.\n\tNaïve café: ¿qué? 東京 🙂 <|endoftext|>"
 
 
