@@ -147,6 +147,14 @@ def test_no_package_in_the_repository_root_shadows_an_installed_one():
     assert not Path(found.stdout.strip()).is_relative_to(REPO / "kernels"), "a root kernels/ shadows PyPI's"
     packages = sorted(d.name for d in REPO.iterdir() if (d / "__init__.py").is_file())
     assert packages == ["rtllm"], f"packages in the repository root besides rtllm: {packages}"
+    # Folders that land on sys.path (the root, tests/ under pytest, scripts/ for `python scripts/x.py`):
+    # none of their modules or packages may take the name of an installed distribution's module.
+    import importlib.metadata
+
+    installed = set(importlib.metadata.packages_distributions()) - {"rtllm"}
+    for folder in (REPO, REPO / "tests", REPO / "scripts"):
+        names = {p.stem for p in folder.glob("*.py")} | {p.parent.name for p in folder.glob("*/__init__.py")}
+        assert not names & installed, f"{folder} shadows installed modules: {sorted(names & installed)}"
 
 
 @pytest.mark.parametrize("module", ["rtllm.samplers", "rtllm.state"])
