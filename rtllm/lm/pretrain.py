@@ -290,6 +290,9 @@ def pretrain(
     )
     with _deterministic(seed):
         model = GPT2LMHeadModel(config)
+        # transformers >= 5 picks the loss from the class name, which for GPT2LMHeadModel names none,
+        # and warns before taking the causal-LM loss anyway: name it (the same loss, no warning).
+        model.loss_type = "ForCausalLM"
         n_params = sum(p.numel() for p in model.parameters())
         initial_val = _mean_loss(model, val, batch_size)
         say(f"pretrain: {n_params / 1e6:.2f}M parameters, "
