@@ -29,3 +29,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def transformers_warnings():
+    """What transformers' logger says during a test (its messages, in order). warning_once
+    remembers what it said in this process: it is made to forget, so the test can hear it."""
+    import logging
+
+    import transformers.utils.logging as hf_logging
+
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    hf_logging.warning_once.cache_clear()
+    hf_logging.add_handler(handler)
+    yield said
+    hf_logging.remove_handler(handler)
