@@ -44,14 +44,13 @@ PARTIALS, NOISE, PRIOR_TMP = "kernel partials", "noise cache (CPU backend)", "pr
 WORKSPACES, MARGIN, CONTEXT = "CUDA library workspaces", "allocator margin", "CUDA context"
 SAMPLE_BUFFERS, CKPT_STAGING = "sample buffers", "checkpoint / dt-trial staging (one slice)"
 SEGMENT_TABLES = "segment tables (Triton launches)"
-JOINED = "joined fp32 position (fp32-split state)"
 # SMILE (rtllm.samplers.smile): x at the start of the full step in progress, for its rejections;
 # pSMILE adds its preconditioner (rtllm.samplers.smile_precond): EMA mean, EMA variance and p.
 SMILE_START, PRECOND = "SMILE step-start copy of x", "pSMILE preconditioner (mean, var, p)"
 CHECKPOINT_SLICE_BYTES = _CHUNK  # the most of the state a checkpoint write holds on the host
 HOST_BOUND = 16 * 2**30  # the host memory of a common PC: what a run should stay within
 ROWS = (WEIGHTS, POSITION, VELOCITY, GRADIENTS, PRIOR, UNDO, SMILE_START, PRECOND, NOISE, SEGMENT_TABLES,
-        WORKSPACES, SAMPLE_BUFFERS, LOADED, GRAD_ACC, *PARTS, PARTIALS, PRIOR_TMP, CKPT_STAGING, JOINED)
+        WORKSPACES, SAMPLE_BUFFERS, LOADED, GRAD_ACC, *PARTS, PARTIALS, PRIOR_TMP, CKPT_STAGING)
 # Phases of a run.
 BUILD, FWD_BWD, ACCUMULATE, STEP, CHECKPOINT = (
     "sampler build", "forward/backward", "micro-batch gradient accumulation", "sampler step",
@@ -275,12 +274,11 @@ def plan_memory(config, *, batch: int, seq: int, layout: str = DEFAULT_LAYOUT, d
     # SamplingRun._trial parks the sampler state (x, v, the prior center) in a file in OUT while
     # the trials run: disk, not memory (written through the checkpoint's slice staging).
     disk = {DT_SNAPSHOT: backup + prior} if dt_auto else {}
-    # A split position is joined into new fp32 tensors on the device by sampler.state_dict()
-    # (FlatSampler.state_dict: states are layout-independent), all shards at once, while a
-    # checkpoint or a dt-trial snapshot is written.
-    joined = 4 * D if lay.position_serves_compute is not None and lay.position_serves_compute < lay.position else 0
-    if not cuda or joined:
-        transients[CHECKPOINT] = {CKPT_STAGING: 0 if cuda else host.pop(CKPT_STAGING), JOINED: joined}
+    # A checkpoint or a dt-trial snapshot copies the state to the file slice by slice, as it is
+    # (a split position as its two planes: nothing joined on the device); on CPU the slice is
+    # staged in the same memory.
+    if not cuda:
+        transients[CHECKPOINT] = {CKPT_STAGING: host.pop(CKPT_STAGING)}
     totals = {phase: sum((core if phase == BUILD else persistent).values()) + sum(rows.values())
               for phase, rows in transients.items()}
     peak_phase = max(totals, key=totals.get)

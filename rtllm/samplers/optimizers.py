@@ -17,7 +17,8 @@ from torch import Tensor
 
 from rtllm.samplers import rules
 from rtllm.state.backends import make_backend
-from rtllm.state.flat import MAX_SHARD_ELEMENTS, build_group, collect_grads, finish_materialize, zero_grads
+from rtllm.state.flat import (MAX_SHARD_ELEMENTS, build_group, collect_grads, finish_materialize,
+                              check_position_state, position_state_numel, zero_grads)
 from rtllm.kernels.philox import STREAM_INIT, STREAM_REFRESH
 from rtllm.state.layouts import DEFAULT_LAYOUT, get_layout
 from rtllm.state.sharded import ShardedState
@@ -284,8 +285,8 @@ class FlatSampler(torch.optim.Optimizer):
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything needed to continue the chain exactly (tensors are live references, except
-        a fp32-split position, joined into a new fp32 tensor: states are layout-independent)."""
+        """Everything needed to continue the chain exactly; its tensors are live references (a
+        fp32-split position as its two planes, {"hi", "lo"}). Any layout loads any layout's state."""
         return {
             "sampler": type(self).__name__,
             "layout": self.layout,
@@ -297,7 +298,7 @@ class FlatSampler(torch.optim.Optimizer):
             "scale_likelihood": self.scale_likelihood,
             "ray_dims": self.ray_dims.tolist(),
             "hyper": [{k: g[k] for k in _HYPER} for g in self.param_groups],
-            "position": [[s.position() for s in fg.shards] for fg in self._flat],
+            "position": [[s.position_state() for s in fg.shards] for fg in self._flat],
             "velocity": [[s.v for s in fg.shards] for fg in self._flat],
             "prior": None if self.prior is None else self.prior.state_dict(),
         }
@@ -308,7 +309,7 @@ class FlatSampler(torch.optim.Optimizer):
             raise ValueError(f"state is from a {state.get('sampler')!r} sampler, this is "
                              f"{type(self).__name__}")
         layout = [[s.numel for s in fg.shards] for fg in self._flat]
-        theirs = [[t.numel() for t in g] for g in state["position"]]
+        theirs = [[position_state_numel(t) for t in g] for g in state["position"]]
         if theirs != layout or state["ray_dims"] != self.ray_dims.tolist():
             raise ValueError(f"state has shard sizes {theirs} and rays {state['ray_dims']}, this "
                              f"sampler has {layout} and {self.ray_dims.tolist()}: build it with the "
@@ -319,6 +320,9 @@ class FlatSampler(torch.optim.Optimizer):
         if (state.get("prior") is None) != (self.prior is None):
             raise ValueError("state and sampler disagree on having a prior; build the sampler "
                              "with the same prior_scale / prior_center")
+        for fg, xs in zip(self._flat, state["position"]):
+            for shard, x in zip(fg.shards, xs):
+                check_position_state(x, shard.numel)
         # Everything checked: from here on the state is written.
         for fg, xs, vs in zip(self._flat, state["position"], state["velocity"]):
             for shard, x, v in zip(fg.shards, xs, vs):

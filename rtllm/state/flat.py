@@ -66,8 +66,28 @@ class Shard:
             out[part] = join_fp32(hi[part], lo[part])
         return out
 
-    def set_position(self, value: Tensor) -> None:
-        """Write the whole fp32 position and whatever mirrors it (compute copy or split planes)."""
+    def position_state(self) -> Tensor | dict[str, Tensor]:
+        """The position as a sampler state holds it, without a copy: x (fp32), or the split
+        planes {"hi": bf16, "lo": int16} as they are. Joined, they would be a new fp32 copy of
+        the shard on its device (4 B/param) while a checkpoint is written; set_position joins
+        them slice by slice where a state moves to the fp32 layout."""
+        return self.x if self.x_lo is None else {"hi": self.x, "lo": self.x_lo}
+
+    def set_position(self, value: Tensor | dict[str, Tensor]) -> None:
+        """Write the whole position (fp32, or split planes as position_state gives them) and
+        whatever mirrors it (compute copy or split planes)."""
+        if isinstance(value, dict):
+            hi, lo = _planes(value, self.numel)
+            if self.x_lo is not None:  # the same layout: the planes, bit for bit
+                self.x.copy_(hi)
+                self.x_lo.copy_(lo)
+                return
+            for start in range(0, self.numel, _SPLIT_SLICE):  # in slices, as in position()
+                part = slice(start, start + _SPLIT_SLICE)
+                self.x[part].copy_(join_fp32(hi[part].contiguous(), lo[part].contiguous()))
+            if self.compute is not None:
+                self.compute.copy_(self.x)
+            return
         if self.x_lo is None:
             self.x.copy_(value)
             if self.compute is not None:
@@ -78,6 +98,34 @@ class Shard:
                 hi, lo = split_fp32(value[part].to(device=self.x.device, dtype=torch.float32).contiguous())
                 self.x[part].copy_(hi)
                 self.x_lo[part].copy_(lo)
+
+
+def position_state_numel(value) -> int:
+    """Elements of one shard's position in a state (fp32 tensor or split planes); -1 if neither."""
+    if isinstance(value, dict):
+        value = value.get("hi")
+    return value.numel() if isinstance(value, Tensor) else -1
+
+
+def check_position_state(value, numel: int) -> None:
+    """Refuse a shard's position state that is neither `numel` values nor two sound planes."""
+    if isinstance(value, dict):
+        _planes(value, numel)
+    elif not (isinstance(value, Tensor) and value.numel() == numel and value.is_floating_point()):
+        raise ValueError(f"a position state needs {numel} floating-point values or split planes; "
+                         f"got {type(value).__name__}")
+
+
+def _planes(value: dict, numel: int) -> tuple[Tensor, Tensor]:
+    """The (hi, lo) planes of a split position state, checked: a damaged state is refused."""
+    hi, lo = value.get("hi"), value.get("lo")
+    if not (isinstance(hi, Tensor) and isinstance(lo, Tensor) and hi.dtype == torch.bfloat16
+            and lo.dtype == torch.int16 and hi.numel() == lo.numel() == numel):
+        got = {k: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) if isinstance(t, Tensor) else t
+               for k, t in value.items()}
+        raise ValueError(f"a split position state needs 'hi' (bfloat16) and 'lo' (int16) planes of "
+                         f"{numel} elements each; got {got}")
+    return hi.reshape(-1), lo.reshape(-1)
 
 
 @dataclass

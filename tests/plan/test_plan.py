@@ -15,7 +15,7 @@ from rtllm.state.layouts import DEFAULT_LAYOUT, LAYOUTS, get_layout
 from rtllm.lm.loss import lm_loss
 from rtllm.plan.memtrace import allocator_peak_bytes
 from rtllm.lm.model_io import load_model_and_tokenizer, param_groups_for, prepare_for_sampling, select_parameters
-from rtllm.plan.memory import (BUILD, CKPT_STAGING, DT_SNAPSHOT, FWD_BWD, GIB, GRADIENTS, HOST_BOUND, JOINED, NOISE,
+from rtllm.plan.memory import (BUILD, CKPT_STAGING, DT_SNAPSHOT, FWD_BWD, GIB, GRADIENTS, HOST_BOUND, NOISE,
                                POSITION, PRIOR, SAMPLE_BUFFERS, SEGMENT_TABLES, STEP, VELOCITY, WEIGHTS,
                                kernel_partials_bytes, model_shape, plan_memory, segment_table_bytes)
 from rtllm.plan.format import parse_size
@@ -321,14 +321,13 @@ def test_split_layout_components_equal_the_samplers_buffers(tiny_model_dir):
     assert p[GRADIENTS] == sum(s.g.nbytes for s in shards)
     assert p[WEIGHTS] == sum(b.nbytes for b in model.buffers())  # no separate compute copy
     assert p[PRIOR] == sum(c.nbytes for c in sampler.prior.state_dict()["centers"])
-    # a checkpoint or a dt-trial snapshot joins the planes into new fp32 tensors, all at once
-    joined = [t for group in sampler.state_dict()["position"] for t in group]
-    assert all(t.dtype == torch.float32 for t in joined)
-    assert plan.transients["checkpoint write / dt-trial snapshot"][JOINED] == sum(t.nbytes for t in joined)
-    on_gpu = plan_memory(model.config, batch=2, seq=16, device="cuda", layout="fp32-split")
-    assert on_gpu.transients["checkpoint write / dt-trial snapshot"][JOINED] == sum(t.nbytes for t in joined)
-    assert "checkpoint write / dt-trial snapshot" not in plan_memory(model.config, batch=2, seq=16,
-                                                                     device="cuda").transients
+    # a checkpoint or a dt-trial snapshot writes the planes as they are: nothing new on the device
+    state = [t for group in sampler.state_dict()["position"] for t in group]
+    assert [(t["hi"].data_ptr(), t["lo"].data_ptr()) for t in state] == [(s.x.data_ptr(), s.x_lo.data_ptr())
+                                                                        for s in shards]
+    for layout in ("fp32-split", "fp32"):
+        on_gpu = plan_memory(model.config, batch=2, seq=16, device="cuda", layout=layout)
+        assert "checkpoint write / dt-trial snapshot" not in on_gpu.transients
     with pytest.raises(ValueError, match="needs bfloat16"):
         plan_memory(model.config, batch=2, seq=16, device="cpu", layout="fp32-split",
                     compute_dtype=torch.float32)

@@ -116,7 +116,9 @@ def test_split_chain_is_the_fp32_chain(backend):
 def test_state_dict_moves_between_layouts_and_resumes_exactly():
     split, _ = _chain("fp32-split", "torch", steps=4)
     state = {k: v for k, v in split.state_dict().items()}
-    assert state["layout"] == "fp32-split" and state["position"][0][0].dtype == torch.float32
+    shard = split.shards[0]
+    planes = state["position"][0][0]  # the planes themselves: a checkpoint joins nothing on the device
+    assert state["layout"] == "fp32-split" and planes["hi"] is shard.x and planes["lo"] is shard.x_lo
     plain, _ = _chain("fp32", "torch", steps=1, seed=99)  # another chain, then overwritten
     plain.load_state_dict(state)
     assert torch.equal(plain.shards[0].x, split.shards[0].position())
@@ -124,6 +126,31 @@ def test_state_dict_moves_between_layouts_and_resumes_exactly():
     back.load_state_dict(plain.state_dict())
     assert torch.equal(back.shards[0].x, split.shards[0].x)
     assert torch.equal(back.shards[0].x_lo, split.shards[0].x_lo)
+
+
+def test_a_split_checkpoint_resumes_in_either_layout_and_a_damaged_one_is_refused(tmp_path):
+    from rtllm.run.checkpoint import load_checkpoint, save_checkpoint
+
+    split, _ = _chain("fp32-split", "torch", steps=4)
+    save_checkpoint(tmp_path / "c.safetensors", split.state_dict())
+    loaded = load_checkpoint(tmp_path / "c.safetensors")
+    again, _ = _chain("fp32-split", "torch", steps=1, seed=97)
+    again.load_state_dict(loaded)
+    assert torch.equal(bits(again.shards[0].position()), bits(split.shards[0].position()))
+    plain, _ = _chain("fp32", "torch", steps=1, seed=96)
+    plain.load_state_dict(loaded)
+    assert torch.equal(bits(plain.shards[0].x), bits(split.shards[0].position()))
+    for other in (again, plain):
+        assert torch.equal(other.shards[0].v, split.shards[0].v)
+    planes = loaded["position"][0][0]
+    for damaged in ({"hi": planes["hi"]}, {"hi": planes["lo"], "lo": planes["lo"]},
+                    {"hi": planes["hi"][:-1], "lo": planes["lo"][:-1]}):
+        state = {**loaded, "position": [[damaged]]}
+        target = _chain("fp32-split", "torch", steps=1)[0]
+        before = target.shards[0].position().clone()
+        with pytest.raises(ValueError, match="shard sizes|'hi' \\(bfloat16\\) and 'lo' \\(int16\\)"):
+            target.load_state_dict(state)
+        assert torch.equal(bits(target.shards[0].position()), bits(before))  # refused before writing
 
 
 def test_layout_errors_say_what_to_do():
