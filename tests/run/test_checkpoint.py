@@ -138,3 +138,34 @@ def test_a_read_maps_the_file_instead_of_copying_the_state_to_the_host(tmp_path)
     _assert_same(state, load_checkpoint(path))
     path.unlink()  # the views outlive the file (the mapping holds it)
     assert torch.equal(loaded["backup"][0][0], state["backup"][0][0])
+
+
+def test_a_split_layout_run_resumes_after_a_crash_to_the_same_samples(tiny_model_dir, train_file, tmp_path,
+                                                                      monkeypatch):
+    """--layout fp32-split: the checkpoint holds the position's two planes (nothing joined on the
+    device), and a run that dies after one resumes to the samples of an uninterrupted run."""
+    from rtllm.cli import main as cli_main
+    from rtllm.samplers.optimizers import RayTracer
+    from rtllm.store.ensemble import Ensemble
+
+    args = ["sample", "--model", str(tiny_model_dir), "--train", str(train_file), "--layout", "fp32-split",
+            "--steps", "20", "--burn-in", "4", "--thin", "4", "--batch-size", "4", "--seq-len", "16",
+            "--dt", "2e-3", "--checkpoint-every", "5", "--seed", "3"]
+    assert cli_main(args + ["--out", str(tmp_path / "whole")]) == 0
+    step, calls = RayTracer.step, []
+
+    def dying_step(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 13:
+            raise RuntimeError("simulated crash")
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(RayTracer, "step", dying_step)
+    assert cli_main(args + ["--out", str(tmp_path / "crashed")]) != 0
+    monkeypatch.setattr(RayTracer, "step", step)
+    saved = load_checkpoint(tmp_path / "crashed" / "checkpoints" / "chain-000.safetensors")
+    planes = saved["sampler"]["position"][0][0]
+    assert planes["hi"].dtype == torch.bfloat16 and planes["lo"].dtype == torch.int16
+    assert cli_main(args + ["--out", str(tmp_path / "crashed"), "--resume"]) == 0
+    whole, resumed = Ensemble(tmp_path / "whole").entries, Ensemble(tmp_path / "crashed").entries
+    assert len(whole) == 4 and [e["sha256"] for e in whole] == [e["sha256"] for e in resumed]
