@@ -78,7 +78,8 @@ class EnsembleForCausalLM(torch.nn.Module):
         self.config = model.config
         self.generation_config = getattr(model, "generation_config", None)
         self._samples = samples
-        # transformers 5.25 renames past_key_values to cache, in forward and its output (the old name warns)
+        # transformers 5.x (by 5.24) renames past_key_values to cache, in forward and its output (the old
+        # name warns); read the output's under the name forward took
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         total = sum(weights)
@@ -159,7 +160,7 @@ class EnsembleForCausalLM(torch.nn.Module):
             if return_uncertainty:
                 h = -(log_p.exp() * log_p).sum(-1) * self.log_weights[k].exp()
                 aleatoric = h if aleatoric is None else aleatoric + h
-            caches.append(out[self._cache_kwarg] if use_cache else None)  # the name forward took
+            caches.append(out[self._cache_kwarg] if use_cache else None)
             del out, log_p, weighted
         result = EnsembleOutput(logits=log_bma, past_key_values=caches if use_cache else None)
         if return_uncertainty:

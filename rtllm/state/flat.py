@@ -120,7 +120,7 @@ def _planes(value: dict, numel: int) -> tuple[Tensor, Tensor]:
     """The (hi, lo) planes of a split position state, checked: a damaged state is refused."""
     hi, lo = value.get("hi"), value.get("lo")
     if not (isinstance(hi, Tensor) and isinstance(lo, Tensor) and hi.dtype == torch.bfloat16
-            and lo.dtype == torch.int16 and hi.numel() == lo.numel() == numel):
+            and lo.dtype == torch.int16 and hi.numel() == lo.numel() == numel and hi.device == lo.device):
         got = {k: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) if isinstance(t, Tensor) else t
                for k, t in value.items()}
         raise ValueError(f"a split position state needs 'hi' (bfloat16) and 'lo' (int16) planes of "
