@@ -46,3 +46,21 @@ def transformers_warnings():
     hf_logging.add_handler(handler)
     yield said
     hf_logging.remove_handler(handler)
+
+
+@pytest.fixture
+def crash_on_call(monkeypatch):
+    """crash_on_call(cls, name, n): from now, the n-th call of cls.name raises
+    RuntimeError("simulated crash"), as a crash mid-run would; returns what puts it back."""
+    def arm(cls, name: str, n: int):
+        original, calls = getattr(cls, name), []
+
+        def dying(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise RuntimeError("simulated crash")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, dying)
+        return lambda: monkeypatch.setattr(cls, name, original)
+    return arm

@@ -141,7 +141,7 @@ def test_a_read_maps_the_file_instead_of_copying_the_state_to_the_host(tmp_path)
 
 
 def test_a_split_layout_run_resumes_after_a_crash_to_the_same_samples(tiny_model_dir, train_file, tmp_path,
-                                                                      monkeypatch):
+                                                                      crash_on_call):
     """--layout fp32-split: the checkpoint holds the position's two planes (nothing joined on the
     device), and a run that dies after one resumes to the samples of an uninterrupted run."""
     from rtllm.cli import main as cli_main
@@ -152,17 +152,9 @@ def test_a_split_layout_run_resumes_after_a_crash_to_the_same_samples(tiny_model
             "--steps", "20", "--burn-in", "4", "--thin", "4", "--batch-size", "4", "--seq-len", "16",
             "--dt", "2e-3", "--checkpoint-every", "5", "--seed", "3"]
     assert cli_main(args + ["--out", str(tmp_path / "whole")]) == 0
-    step, calls = RayTracer.step, []
-
-    def dying_step(self, *a, **kw):
-        calls.append(1)
-        if len(calls) == 13:
-            raise RuntimeError("simulated crash")
-        return step(self, *a, **kw)
-
-    monkeypatch.setattr(RayTracer, "step", dying_step)
+    put_back = crash_on_call(RayTracer, "step", 13)
     assert cli_main(args + ["--out", str(tmp_path / "crashed")]) != 0
-    monkeypatch.setattr(RayTracer, "step", step)
+    put_back()
     saved = load_checkpoint(tmp_path / "crashed" / "checkpoints" / "chain-000.safetensors")
     planes = saved["sampler"]["position"][0][0]
     assert planes["hi"].dtype == torch.bfloat16 and planes["lo"].dtype == torch.int16

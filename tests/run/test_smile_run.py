@@ -44,7 +44,7 @@ def test_bad_smile_settings(bad, match, tmp_path):
         SampleConfig(**{**base, **bad})
 
 
-def test_psmile_run_resumes_after_a_crash_to_the_same_samples(tiny_model_dir, train_file, tmp_path, monkeypatch):
+def test_psmile_run_resumes_after_a_crash_to_the_same_samples(tiny_model_dir, train_file, tmp_path, crash_on_call):
     """A pSMILE run that dies mid-way (after a checkpoint) and is resumed writes the samples of
     an uninterrupted run, bit for bit: the preconditioner's statistics are in the checkpoint."""
     from rtllm.samplers.smile import SMILE
@@ -53,17 +53,9 @@ def test_psmile_run_resumes_after_a_crash_to_the_same_samples(tiny_model_dir, tr
             "--precondition", "--steps", "24", "--burn-in", "4", "--thin", "4", "--batch-size", "4",
             "--seq-len", "16", "--dt", "0.05", "--checkpoint-every", "6", "--seed", "3"]
     assert cli_main(args + ["--out", str(tmp_path / "whole")]) == 0
-    step, calls = SMILE.step, []
-
-    def dying_step(self, *a, **kw):
-        calls.append(1)
-        if len(calls) == 15:
-            raise RuntimeError("simulated crash")
-        return step(self, *a, **kw)
-
-    monkeypatch.setattr(SMILE, "step", dying_step)
+    put_back = crash_on_call(SMILE, "step", 15)
     assert cli_main(args + ["--out", str(tmp_path / "crashed")]) != 0  # the CLI reports the error
-    monkeypatch.setattr(SMILE, "step", step)
+    put_back()
     assert (tmp_path / "crashed" / "checkpoints" / "chain-000.safetensors").exists()
     assert cli_main(args + ["--out", str(tmp_path / "crashed"), "--resume"]) == 0
     whole, resumed = Ensemble(tmp_path / "whole").entries, Ensemble(tmp_path / "crashed").entries
