@@ -34,7 +34,7 @@ def block_features(model, windows: torch.Tensor) -> torch.Tensor:
         for start in range(0, len(windows), 64):
             out = model.base_model(input_ids=windows[start:start + 64, :-1], output_hidden_states=True,
                                    use_cache=False)
-            parts.append(torch.stack([h.float().mean(1) for h in out.hidden_states]).double())
+            parts.append(torch.stack([fd.window_mean(h) for h in out.hidden_states]))
     return torch.cat(parts, 1)
 
 

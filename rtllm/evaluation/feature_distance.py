@@ -127,6 +127,12 @@ def prepare(ensemble_dir: str | Path, reference, tokenizer, seq_len: int, encodi
         return ref, None, skipped(ref, err)
 
 
+def window_mean(hidden: torch.Tensor) -> torch.Tensor:
+    """A window's feature: the mean over its positions of hidden states `[W, T, H]`, averaged in
+    fp32 and returned `[W, H]` float64 on the CPU (no fp64 copy on the device)."""
+    return hidden.mean(1, dtype=torch.float32).cpu().double()
+
+
 def window_features(model, windows: torch.Tensor, device: torch.device, pieces=None) -> torch.Tensor:
     """Per window `[W, T + 1]`: the mean over its T input positions of the final hidden state,
     `[W, hidden]` float64 on the CPU. A dispatched model (hf_device_map) runs whole, its base
@@ -149,7 +155,7 @@ def window_features(model, windows: torch.Tensor, device: torch.device, pieces=N
     out = torch.empty(len(windows), model.config.hidden_size, dtype=torch.float64)
 
     def consume(hidden, start):
-        out[start:start + len(hidden)] = hidden.mean(1, dtype=torch.float32).cpu().double()  # no fp64 copy on the device
+        out[start:start + len(hidden)] = window_mean(hidden)
     try:
         with torch.inference_mode():
             forward_in_pieces(forward, windows.to(device) if not dispatched else windows, consume, pieces)
@@ -169,7 +175,7 @@ class CapturedFeatures:
         self._handle = model.base_model.register_forward_hook(self._keep)
 
     def _keep(self, module, args, out) -> None:
-        self._parts.append(out[0].mean(1, dtype=torch.float32).cpu().double())
+        self._parts.append(window_mean(out[0]))
 
     def close(self) -> torch.Tensor:
         self._handle.remove()
